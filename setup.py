@@ -70,7 +70,7 @@ def extension():
         print(f"memdec_fast: building CPU kernels only: {why}")
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", *os.environ.get("MEMDEC_FAST_CXX_FLAGS", "").split()]
+    cxx = ["-O3", *os.environ.get("MEMDEC_FAST_CXX_FLAGS", "").split()]
     info = {"cpu": True, "cuda": with_cuda, "cuda_archs": [], "cuda_version": None, "torch_built": torch.__version__}
     include_dirs = [os.path.join(ROOT, "csrc")]
     jobs, nvcc_threads = parallelism()
@@ -84,7 +84,7 @@ def extension():
         info["cuda_version"] = torch.version.cuda
         include_dirs += pip_cuda_includes()
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", f"--threads={nvcc_threads}", "-lineinfo",
+        nvcc = ["-O3", f"--threads={nvcc_threads}", "-lineinfo",
                 *os.environ.get("MEMDEC_FAST_NVCC_FLAGS", "").split()]
         print(f"memdec_fast: CUDA {torch.version.cuda} from {cuda_home}, archs {archs}, "
               f"MAX_JOBS={jobs}, NVCC_THREADS={nvcc_threads}")
