@@ -1,0 +1,1 @@
+"""Helpers of :class:`memdec_fast.JointGenerator`: requests, text, and compatibility checks."""

@@ -1,0 +1,56 @@
+"""Refusing model pairs that cannot be mixed: vocabularies, tokenizers, hidden sizes."""
+
+from __future__ import annotations
+
+import os
+
+from memdec_fast.models import checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def check_vocab(vocab: int, base_rows: int, memory_rows: int, memory_kind: str) -> None:
+    """Both models must cover the tokenizer, and (padding aside) have the same output size.
+
+    Mixing happens over the tokenizer's len(tokenizer) tokens; rows beyond it
+    are padding. Different output sizes mean different vocabularies.
+    """
+    for who, rows in (("base", base_rows), (memory_kind, memory_rows)):
+        if rows < vocab:
+            raise ValueError(
+                f"vocabulary mismatch: the {who} model has {rows} output rows, but the tokenizer has {vocab} tokens"
+            )
+    if base_rows != memory_rows:
+        raise ValueError(
+            f"vocabulary mismatch: the base has {base_rows} output rows and the {memory_kind} {memory_rows}; "
+            "a memory must be trained on the base's tokenizer and vocabulary"
+        )
+
+
+def check_tokenizers(tokenizer, memory: str | os.PathLike) -> None:
+    """When the memory ships a tokenizer, it must equal the base's (same tokens, same ids)."""
+    if not any(checkpoint.resolve(memory, f) for f in TOKENIZER_FILES):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(memory)
+    except Exception as err:  # tokenizer loading raises many types
+        raise ValueError(f"{os.fspath(memory)}: its tokenizer files could not be loaded ({err})") from err
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"tokenizer mismatch: the memory at {os.fspath(memory)} uses a different tokenizer "
+            f"({len(theirs)} tokens) than the base ({len(tokenizer)} tokens)"
+        )
+
+
+def check_layer_position(layer_position: int, num_layers: int) -> None:
+    if not -num_layers <= layer_position < num_layers:
+        raise ValueError(f"MLP Memory: layer_position {layer_position} is outside the base's {num_layers} blocks")
+
+
+def check_hidden_size(input_dim: int, hidden_size: int) -> None:
+    if input_dim != hidden_size:
+        raise ValueError(
+            f"MLP Memory: it reads hidden states of size {input_dim}, but the base's hidden size is {hidden_size}"
+        )

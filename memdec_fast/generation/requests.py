@@ -1,0 +1,85 @@
+"""Turning a generate() call into tensors: prompts, sampling parameters, stop conditions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from memdec_fast.params import Param, check_params
+
+Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
+"""One prompt or a batch: text, token ids, or an unpadded LongTensor [B, T]."""
+
+
+def encode_prompts(prompts: Prompts, tokenizer, vocab: int) -> list[list[int]]:
+    """Token ids of each prompt; raises ValueError for empty prompts or ids outside [0, vocab)."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() not in (1, 2) or prompts.is_floating_point():
+            raise ValueError(f"input_ids: expected an integer tensor [B, T], got {prompts.dtype} {list(prompts.shape)}")
+        prompts = prompts.reshape(-1, prompts.shape[-1]).tolist()
+    elif isinstance(prompts, str):
+        prompts = [prompts]
+    elif isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+        prompts = [list(prompts)]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts: expected a string, a list of strings or token ids; got an empty batch")
+    rows = []
+    for i, p in enumerate(prompts):
+        ids = tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
+        if not ids:
+            raise ValueError(f"prompts[{i}]: empty prompt (it encodes to no tokens)")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompts[{i}]: token ids must be ints in [0, {vocab})")
+        rows.append(ids)
+    return rows
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T] int64, attention_mask [B, T] bool), padded on the left."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], dtype=torch.int64)
+    mask = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows])
+    return ids.to(device), mask.to(device)
+
+
+def sampling_params(rows: int, device: torch.device, **values) -> dict[str, Param]:
+    """Scalars stay Python numbers; per-row lists or tensors become tensors [rows] on `device`; all checked."""
+    out: dict[str, Param] = {}
+    for name, v in values.items():
+        if isinstance(v, (list, tuple)):
+            v = torch.tensor(v)
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+        out[name] = v
+    check_params(rows, **out)
+    return out
+
+
+def select_rows(params: dict[str, Param], rows: torch.Tensor) -> dict[str, Param]:
+    """Per-row parameters restricted to the batch rows `rows` [B']."""
+    return {k: v.index_select(0, rows) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+
+
+def parse_stop(stop: int | str | Sequence[int | str] | None, tokenizer, vocab: int) -> tuple[set[int], list[str]]:
+    """(stop token ids, stop strings), EOS included in the ids."""
+    ids = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
+    if stop is None:
+        return ids, []
+    items = [stop] if isinstance(stop, (int, str)) else list(stop)
+    strings = []
+    for s in items:
+        if isinstance(s, str) and s:
+            strings.append(s)
+        elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab:
+            ids.add(s)
+        else:
+            raise ValueError(f"stop: expected token ids in [0, {vocab}) or non-empty strings, got {s!r}")
+    return ids, strings
+
+
+def check_request(max_new_tokens: int, seed: int | None) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed: expected a non-negative int or None, got {seed!r}")

@@ -1,0 +1,370 @@
+"""JointGenerator: generate from a base causal LM mixed with a memory.
+
+At each step both models read the same tokens and the next token is drawn from::
+
+    p = (1 - lmbda) * softmax(base_logits / base_temp) + lmbda * softmax(mem_logits / knn_temp)
+
+by :func:`memdec_fast.ops.sample` (greedy or HF-style temperature / top-k /
+top-p / min-p sampling).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from memdec_fast import ops, reference
+from memdec_fast.generation import checks
+from memdec_fast.generation.requests import (
+    Prompts,
+    check_request,
+    encode_prompts,
+    left_pad,
+    parse_stop,
+    sampling_params,
+    select_rows,
+)
+from memdec_fast.generation.text import Row
+from memdec_fast.models import MLPMemory, as_runner, detect_memory_type, load_causal_lm
+from memdec_fast.params import Param, check_params
+
+__all__ = ["GenerationResult", "JointGenerator"]
+
+MEMORY_TYPES = ("auto", "decoder", "mlp")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class GenerationResult:
+    """Output of :meth:`JointGenerator.generate`, one entry per prompt.
+
+    token_ids holds every generated token, including the EOS or stop token that
+    ended a row; logprobs holds log p of each under the (unfiltered) mixture;
+    texts is their decoding without special tokens, cut before a stop string.
+    finish_reasons: "length", "eos" (EOS or a stop token id) or "stop" (a stop string).
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[str]
+
+
+class JointGenerator:
+    """A base causal LM and its memory (Memory Decoder or MLP Memory), generating together.
+
+    Parameters
+    ----------
+    base : memdec_fast.models.GPT2 or a transformers causal LM (or a runner)
+    memory : a causal LM (Memory Decoder), or memdec_fast.models.MLPMemory
+    tokenizer : the base's Hugging Face tokenizer; mixing is over its len(tokenizer) tokens
+    lmbda : float
+        Weight of the memory in [0, 1].
+    knn_temp, base_temp : float
+        Softmax temperatures of the memory and of the base.
+    reference : bool
+        Sample with :mod:`memdec_fast.reference` instead of the fused ops.
+
+    Attributes
+    ----------
+    tokenizer : the tokenizer
+    device : torch.device of both models
+    max_context : int, the base's context window in tokens
+
+    Example
+    -------
+    >>> gen = JointGenerator.from_pretrained("gpt2", "Clover-Hill/MemoryDecoder-gpt2-small", lmbda=0.25)
+    >>> gen.generate("The patient was given", max_new_tokens=20).texts[0]
+    """
+
+    def __init__(
+        self, base, memory, tokenizer, lmbda: float, knn_temp: float = 1.0, base_temp: float = 1.0,
+        reference: bool = False,
+    ):
+        check_params(1, lmbda=lmbda, knn_temp=knn_temp, base_temp=base_temp)
+        self.base = as_runner(base)
+        self.is_mlp = isinstance(memory, MLPMemory)
+        self.memory = memory if self.is_mlp else as_runner(memory)
+        self.tokenizer, self.vocab = tokenizer, len(tokenizer)
+        self.lmbda, self.knn_temp, self.base_temp, self.reference = lmbda, knn_temp, base_temp, reference
+        self.device = self.base.device
+        mem_rows = memory.config.vocab_size if self.is_mlp else self.memory.vocab_size
+        checks.check_vocab(self.vocab, self.base.vocab_size, mem_rows, "MLP Memory" if self.is_mlp else "memory")
+        if self.is_mlp:
+            checks.check_layer_position(memory.layer_position, self.base.num_layers)
+            checks.check_hidden_size(memory.input_dim, self.base.hidden_size)
+            mem_device = memory.lm_head.weight.device
+        else:
+            mem_device = self.memory.device
+        if mem_device != self.device:
+            raise ValueError(f"memory: on {mem_device}, but the base is on {self.device}")
+        self.base.hidden_layer = memory.layer_position if self.is_mlp else None
+        self.max_context = self.base.max_context
+        self._context = self.max_context if self.is_mlp else min(self.max_context, self.memory.max_context)
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" and not self.is_mlp else None
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        memory: str | os.PathLike,
+        memory_type: str = "auto",
+        lmbda: float = 0.25,
+        knn_temp: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        tokenizer=None,
+        reference: bool = False,
+        base_temp: float = 1.0,
+    ) -> JointGenerator:
+        """Load a base and its memory from local directories or hub names.
+
+        Parameters
+        ----------
+        base, memory : str or PathLike
+            Checkpoints. GPT-2 bases and Memory Decoders run on memdec_fast's
+            lean GPT-2; other architectures fall back to transformers.
+        memory_type : "auto", "decoder" or "mlp"
+            "auto" picks "mlp" when an mlp_memory_config.json sits beside or above
+            the weights, or the weights hold MLP blocks without attention.
+        lmbda, knn_temp, base_temp : float
+            Mixture weight of the memory, and the two softmax temperatures.
+        device : default "cuda" when available, else "cpu"
+        dtype : float32, float16 or bfloat16; default bfloat16 on CUDA, float32 on the CPU
+        tokenizer : default the base's own
+        reference : bool
+            Run transformers models and the reference ops (slow; for tests and comparisons).
+
+        Example
+        -------
+        >>> gen = JointGenerator.from_pretrained("gpt2-xl", "path/to/mlp_memory", memory_type="mlp", lmbda=0.3)
+        """
+        if memory_type not in MEMORY_TYPES:
+            raise ValueError(f"memory_type: unknown memory type {memory_type!r}; expected one of {MEMORY_TYPES}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+        check_params(1, lmbda=lmbda, knn_temp=knn_temp, base_temp=base_temp)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(base)
+            except Exception as err:  # missing files raise OSError, bad ones many other types
+                raise ValueError(f"{os.fspath(base)}: no usable tokenizer ({err}); pass tokenizer=...") from err
+        checks.check_tokenizers(tokenizer, memory)
+        if memory_type == "auto":
+            memory_type = detect_memory_type(memory)
+        base_runner = load_causal_lm(base, device, dtype, lean=not reference)
+        if memory_type == "mlp":
+            mem = MLPMemory.from_pretrained(memory, device=device, dtype=dtype)
+        else:
+            mem = load_causal_lm(memory, device, dtype, lean=not reference)
+        return cls(base_runner, mem, tokenizer, lmbda, knn_temp, base_temp, reference)
+
+    # -- model passes -------------------------------------------------------------------------
+
+    def _both(self, method: str, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """Call runner `method` on both models, and return their logits cut to the tokenizer's vocabulary.
+
+        An MLP Memory reads the base's hidden state. On CUDA a Memory Decoder runs
+        on a side stream, joined to the main one by an event before sampling.
+        """
+        base_pass = partial(getattr(self.base, method), *args)
+        if self.is_mlp:
+            base_logits, hidden = base_pass()
+            return base_logits[..., : self.vocab], self.memory(hidden)[..., : self.vocab]
+        mem_pass = partial(getattr(self.memory, method), *args)
+        if self._side is None:
+            return base_pass()[0][..., : self.vocab], mem_pass()[0][..., : self.vocab]
+        main = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            mem_logits = mem_pass()[0]
+            done = torch.cuda.Event()
+            done.record(self._side)
+        base_logits = base_pass()[0]
+        main.wait_event(done)
+        mem_logits.record_stream(main)
+        return base_logits[..., : self.vocab], mem_logits[..., : self.vocab]
+
+    def _on_side(self, fn) -> None:
+        """Run `fn` on the memory's stream (where its cache lives), after the main stream's work."""
+        if self._side is None:
+            fn()
+            return
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
+            fn()
+
+    @torch.inference_mode()
+    def score_logits(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both models' logits for full, unpadded windows: one forward each, no cache.
+
+        Parameters
+        ----------
+        input_ids : LongTensor [B, T], T <= max_context
+
+        Returns
+        -------
+        (base_logits, mem_logits) : Tensors [B, T, V], V = len(tokenizer)
+            Possibly strided views (padded vocabulary rows dropped).
+
+        Example
+        -------
+        >>> base_logits, mem_logits = gen.score_logits(torch.tensor([[464, 3290, 318]]))
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] > self._context or input_ids.numel() == 0:
+            raise ValueError(f"input_ids: expected [B, T] with 1 <= T <= {self._context}, got {list(input_ids.shape)}")
+        ids = input_ids.to(self.device)
+        return self._both("forward", ids)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _steps(
+        self, rows: list[list[int]], max_new_tokens: int, params: dict[str, Param], seed: int | None,
+        stop_ids: set[int], out: list[Row], track_text: bool, stop: list[str],
+    ) -> Iterator[None]:
+        """The decode loop: fills `out` one token per live row per step, and yields after each step.
+
+        Finished rows are skipped; once half or fewer of the computed rows are
+        live, the finished ones leave the batch (caches shrink).
+        """
+        sample = reference.sample if self.reference else ops.sample
+        gen = None
+        if seed is not None:
+            on_device = self.device.type == "cuda" and ops.compiled_available() and not self.reference
+            gen = torch.Generator(self.device if on_device else "cpu").manual_seed(seed)
+        ids, mask = left_pad(rows, self._pad_id, self.device)
+        length = ids.shape[1] + max_new_tokens - 1  # cache slots: the last token needs no forward
+        live = list(range(len(rows)))  # original index of each computed batch row
+        base_logits, mem_logits = self._both("prefill", ids, mask, length)
+        for step in range(max_new_tokens):
+            tokens, logprobs = sample(base_logits, mem_logits, **params, generator=gen)
+            for i, (r, t, lp) in enumerate(zip(live, tokens.tolist(), logprobs.tolist())):
+                row = out[r]
+                if row.finish_reason is not None:
+                    continue
+                if t < 0:
+                    raise RuntimeError(f"prompt {r}: the models produced NaN or infinite logits at step {step}")
+                row.token_ids.append(t)
+                row.logprobs.append(lp)
+                if track_text:
+                    row.update_text(self.tokenizer, stop)
+                if row.finish_reason is None and t in stop_ids:
+                    row.finish_reason = "eos"
+                if row.finish_reason is None and step == max_new_tokens - 1:
+                    row.finish_reason = "length"
+            yield
+            keep = [i for i, r in enumerate(live) if out[r].finish_reason is None]
+            if not keep:
+                return
+            if len(keep) <= len(live) // 2:
+                idx = torch.tensor(keep, device=self.device)
+                self.base.keep_rows(idx)
+                if not self.is_mlp:
+                    self._on_side(partial(self.memory.keep_rows, idx))
+                live, tokens, params = [live[i] for i in keep], tokens[idx], select_rows(params, idx)
+            base_logits, mem_logits = self._both("decode", tokens)
+
+    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, lmbda, track_text):
+        rows = encode_prompts(prompts, self.tokenizer, self.vocab)
+        check_request(max_new_tokens, seed)
+        longest = max(len(r) for r in rows)
+        if longest + max_new_tokens - 1 > self._context:
+            raise ValueError(
+                f"prompt too long: {longest} prompt tokens + max_new_tokens={max_new_tokens} need "
+                f"{longest + max_new_tokens - 1} positions, but the context window is {self._context}"
+            )
+        params = sampling_params(
+            len(rows), self.device, lmbda=self.lmbda if lmbda is None else lmbda, knn_temp=self.knn_temp,
+            base_temp=self.base_temp, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        )
+        stop_ids, stop_strings = parse_stop(stop, self.tokenizer, self.vocab)
+        out = [Row() for _ in rows]
+        track = track_text or bool(stop_strings)
+        return out, stop_strings, self._steps(rows, max_new_tokens, params, seed, stop_ids, out, track, stop_strings)
+
+    def generate(
+        self,
+        prompts: Prompts,
+        max_new_tokens: int = 32,
+        temperature: Param | Sequence[float] = 0.0,
+        top_k: Param | Sequence[int] = 0,
+        top_p: Param | Sequence[float] = 1.0,
+        min_p: Param | Sequence[float] = 0.0,
+        seed: int | None = None,
+        stop: int | str | Sequence[int | str] | None = None,
+        lmbda: Param | Sequence[float] | None = None,
+    ) -> GenerationResult:
+        """Generate up to max_new_tokens tokens for each prompt.
+
+        Parameters
+        ----------
+        prompts : str, list of str, list of token ids, list of lists, or LongTensor [B, T]
+            Prompts of different lengths are left-padded; each gets the same greedy
+            tokens it would get alone.
+        max_new_tokens : int
+            Exactly this many tokens per prompt, unless EOS or a stop comes first.
+        temperature, top_k, top_p, min_p :
+            HF-style sampling on the mixture; temperature 0 is greedy. Each takes one
+            value, or one per prompt.
+        seed : int, optional
+            Same seed, same tokens.
+        stop : token id, string, or a list of them
+            A row ends after a stop id (kept in token_ids) or a stop string (cut from the text).
+        lmbda : float, or one per prompt; default the constructor's
+
+        Returns
+        -------
+        GenerationResult
+
+        Example
+        -------
+        >>> res = gen.generate(["Hello", "The cat"], max_new_tokens=8, temperature=0.7, top_p=0.9, seed=0)
+        >>> res.texts, res.token_ids, res.logprobs
+        """
+        out, stop_strings, steps = self._start(
+            prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, lmbda, False
+        )
+        for _ in steps:
+            pass
+        for row in out:
+            if row.finish_reason != "stop":
+                row.update_text(self.tokenizer, stop_strings)
+        return GenerationResult(
+            [r.text for r in out], [r.token_ids for r in out], [r.logprobs for r in out], [r.finish_reason for r in out]
+        )
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, **kwargs) -> Iterator[str]:
+        """Yield one prompt's text as it is produced; the pieces join to generate()'s text.
+
+        Takes the same keyword arguments as :meth:`generate`. A piece is held back
+        while it may still change: a UTF-8 character split across tokens, or the
+        start of a stop string.
+
+        Example
+        -------
+        >>> for piece in gen.stream("Once upon a time", max_new_tokens=50):
+        ...     print(piece, end="", flush=True)
+        """
+        if not isinstance(prompt, str) and not (isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt)):
+            raise ValueError("stream: expected one prompt (a string or a list of token ids)")
+        args = {k: kwargs.pop(k, d) for k, d in
+                (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("seed", None), ("stop", None),
+                 ("lmbda", None))}
+        if kwargs:
+            raise TypeError(f"stream: unexpected arguments {sorted(kwargs)}")
+        out, stop_strings, steps = self._start(prompt, max_new_tokens, track_text=True, **args)
+        sent = 0
+        for _ in steps:
+            text = out[0].stable_text(stop_strings)
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)

@@ -1,0 +1,211 @@
+"""GPT-2 with a static KV cache, in the style of gpt-fast.
+
+One module covers gpt2, -medium, -large, -xl and any GPT2Config. Decode has
+static shapes: the cache length is fixed at :meth:`GPT2.setup_caches`, and the
+cache slot, positions and attention mask arrive as tensors, so a decode step
+holds no data-dependent Python control flow and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memdec_fast.models import checkpoint
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPT2Config:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+
+
+def activation(name: str) -> nn.Module:
+    """The activation named by a GPT-2 config, exactly as transformers computes it."""
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise ValueError(f"activation_function: unknown activation {name!r}")
+    return ACT2FN[name]
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        # zeros, not empty: masked slots still enter probs @ V, and 0 * NaN would poison it
+        shape = (batch, heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # input_pos: [T] cache slots; k, v: [B, H, T, Dh]
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPT2Config, layer: int):
+        super().__init__()
+        d = config.n_embd
+        self.n_head, self.head_dim = config.n_head, d // config.n_head
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+        self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer + 1
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None) -> torch.Tensor:
+        # x: [B, T, D]; mask: [B, 1, T, S] bool (True = attend) or None for causal; input_pos: [T] or None (no cache)
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(D, dim=-1))
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H, S, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.act = activation(config.activation_function)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+
+class GPT2(nn.Module):
+    """GPT2LMHeadModel's forward, with a static cache and access to one MLP input.
+
+    Example
+    -------
+    >>> model = GPT2.from_pretrained("gpt2", device="cpu", dtype=torch.float32)
+    >>> logits, _ = model(torch.tensor([[464, 3290]]), torch.tensor([[0, 1]]))
+    """
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def setup_caches(self, batch: int, length: int) -> None:
+        """Allocate a zeroed KV cache of `length` slots per block (kept when the shape is unchanged)."""
+        old = self.h[0].attn.kv_cache
+        dtype, device = self.wte.weight.dtype, self.wte.weight.device
+        if old is not None and old.k.shape[0] == batch and old.k.shape[2] == length and old.k.dtype == dtype:
+            return
+        c = self.config
+        for block in self.h:
+            block.attn.kv_cache = KVCache(batch, c.n_head, length, c.n_embd // c.n_head, dtype, device)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Shrink the caches to the batch rows `rows` [B'] (finished rows leave the batch)."""
+        for block in self.h:
+            cache = block.attn.kv_cache
+            cache.k, cache.v = cache.k.index_select(0, rows), cache.v.index_select(0, rows)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        hidden_layer: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of every input position, and optionally the input of one block's MLP.
+
+        Parameters
+        ----------
+        idx : Tensor [B, T] int64
+        positions : Tensor [B, T] int64
+            Position ids; with left padding they count only real tokens.
+        mask : Tensor [B, 1, T, S] bool, optional
+            True where a query may attend a key; None means causal over the T inputs.
+        input_pos : Tensor [T] int64, optional
+            Cache slots to write; None runs without the cache (S == T).
+        hidden_layer : int, optional
+            Block whose MLP input (after ln_2) is returned, Python-style index.
+
+        Returns
+        -------
+        logits : Tensor [B, T, vocab_size]
+        hidden : Tensor [B, T, n_embd] or None
+        """
+        x = self.wte(idx) + self.wpe(positions)  # [B, T, D]
+        hidden = None
+        last = None if hidden_layer is None else hidden_layer % len(self.h)
+        for i, block in enumerate(self.h):
+            x = x + block.attn(block.ln_1(x), mask, input_pos)
+            h = block.ln_2(x)
+            if i == last:
+                hidden = h
+            x = x + block.mlp(h)
+        x = self.ln_f(x)
+        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight), hidden
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> GPT2:
+        """Load a Hugging Face GPT-2 checkpoint (Conv1D weights stored [in, out]).
+
+        Parameters
+        ----------
+        name_or_path : str or PathLike
+            A local directory with config.json and model.safetensors or
+            pytorch_model.bin, or a hub name such as "gpt2-xl".
+        device, dtype :
+            Where and in which precision (float32, float16 or bfloat16) to run.
+        """
+        where = os.fspath(name_or_path)
+        raw = checkpoint.load_config(name_or_path)
+        if raw.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{where}: model_type is {raw.get('model_type')!r}, not 'gpt2'")
+        config = GPT2Config.from_dict(raw)
+        state = checkpoint.load_state_dict(checkpoint.weight_files(name_or_path))
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        tied = config.tie_word_embeddings or "lm_head.weight" not in state
+        config.tie_word_embeddings = tied
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        conv = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+        state = {k: v.t() if k.endswith(conv) else v for k, v in state.items()}  # Conv1D [in, out] -> [out, in]
+        state = checkpoint.take(state, expected, where)
+        model.load_state_dict({k: v.to(dtype).contiguous() for k, v in state.items()}, assign=True)
+        return model.to(device=device).eval().requires_grad_(False)

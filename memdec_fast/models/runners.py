@@ -1,0 +1,182 @@
+"""Runners: one interface over a left-padded batch, for our GPT-2 and for any transformers LM.
+
+A runner owns its cache, the position of each row and the attention mask, so
+the generator drives any causal LM the same way:
+
+- ``prefill(input_ids, attention_mask, length)`` runs the prompts and returns the
+  last position's logits (and the hidden state named by ``hidden_layer``);
+- ``decode(tokens)`` appends one token per row;
+- ``keep_rows(rows)`` drops finished rows from the batch;
+- ``forward(input_ids)`` scores a full unpadded window without any cache.
+
+Positions count only real tokens, so a left-padded row sees the same
+positions it would see alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from memdec_fast.models import checkpoint
+from memdec_fast.models.gpt2 import GPT2
+
+Output = tuple[torch.Tensor, torch.Tensor | None]
+"""(logits [B, V_model], hidden [B, D] or None); with forward(), both carry a T axis."""
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    # attention_mask: [B, T] bool -> [B, T] int64, 0 on the left padding
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class GPT2Runner:
+    """Drives :class:`GPT2` with its static cache."""
+
+    def __init__(self, model: GPT2):
+        self.model = model
+        self.hidden_layer: int | None = None
+        c = model.config
+        self.vocab_size, self.max_context, self.hidden_size, self.num_layers = (
+            c.vocab_size, c.n_positions, c.n_embd, c.n_layer,
+        )
+        self.device = model.wte.weight.device
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> Output:
+        # input_ids, attention_mask: [B, T]; length: cache slots S >= T
+        B, T = input_ids.shape
+        self.model.setup_caches(B, length)
+        self.valid = torch.zeros(B, length, dtype=torch.bool, device=self.device)  # [B, S] keys that exist
+        self.valid[:, :T] = attention_mask
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        # a padding query attends itself too, so that no row is all-masked (SDPA would give NaN)
+        mask = causal & (attention_mask[:, None, :] | torch.eye(T, dtype=torch.bool, device=self.device))  # [B, T, T]
+        mask = torch.nn.functional.pad(mask, (0, length - T))[:, None]  # [B, 1, T, S]
+        self.input_pos = torch.arange(T, device=self.device)
+        logits, hidden = self.model(input_ids, _positions(attention_mask), mask, self.input_pos, self.hidden_layer)
+        self.positions = attention_mask.sum(-1, keepdim=True)  # [B, 1] next position
+        self.input_pos = self.input_pos[-1:] + 1  # [1] next slot
+        return logits[:, -1], None if hidden is None else hidden[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> Output:
+        # tokens: [B]; static shapes: slot, positions and mask are tensors updated in place
+        self.valid.index_fill_(1, self.input_pos, True)
+        mask = self.valid[:, None, None, :]  # [B, 1, 1, S]
+        logits, hidden = self.model(tokens[:, None], self.positions, mask, self.input_pos, self.hidden_layer)
+        self.positions += 1
+        self.input_pos += 1
+        return logits[:, 0], None if hidden is None else hidden[:, 0]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.model.keep_rows(rows)
+        self.valid, self.positions = self.valid[rows], self.positions[rows]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> Output:
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=self.device).expand_as(input_ids)
+        return self.model(input_ids, positions, hidden_layer=self.hidden_layer)
+
+
+class HFRunner:
+    """Drives any transformers causal LM (eager, with its own dynamic cache)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        self.hidden_layer: int | None = None
+        c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_context = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2**31 - 1
+        self.hidden_size = c.hidden_size
+        self.num_layers = c.num_hidden_layers
+        self.device = next(model.parameters()).device
+        self._hook = None
+        self._captured: torch.Tensor | None = None
+
+    def _blocks(self) -> torch.nn.ModuleList:
+        base = self.model.base_model
+        for name in ("h", "layers", "blocks"):
+            blocks = getattr(base, name, None)
+            if isinstance(blocks, torch.nn.ModuleList) and hasattr(blocks[0], "mlp"):
+                return blocks
+        raise ValueError(f"{type(self.model).__name__}: cannot find its blocks' MLPs to read an MLP Memory's input")
+
+    def _capture(self) -> None:
+        """Hook the input of block hidden_layer's MLP (the hook follows hidden_layer when it changes)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.hidden_layer is not None:
+            mlp = self._blocks()[self.hidden_layer].mlp
+            self._hook = mlp.register_forward_pre_hook(lambda _m, args: setattr(self, "_captured", args[0]))
+
+    def _run(self, **kw) -> Output:
+        self._capture()
+        out = self.model(**kw, use_cache="past_key_values" in kw)
+        hidden, self._captured = self._captured, None
+        if "past_key_values" in kw:
+            self.cache = out.past_key_values
+        return out.logits, hidden
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> Output:
+        from transformers import DynamicCache
+
+        self.mask = attention_mask.long()  # [B, T], grows by one column per step
+        logits, hidden = self._run(
+            input_ids=input_ids, attention_mask=self.mask, position_ids=_positions(attention_mask),
+            past_key_values=DynamicCache(config=self.model.config),
+        )
+        self.positions = self.mask.sum(-1, keepdim=True)
+        return logits[:, -1], None if hidden is None else hidden[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> Output:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        logits, hidden = self._run(
+            input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.positions, past_key_values=self.cache
+        )
+        self.positions = self.positions + 1
+        return logits[:, -1], None if hidden is None else hidden[:, -1]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask, self.positions = self.mask[rows], self.positions[rows]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> Output:
+        return self._run(input_ids=input_ids)
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike, device: torch.device, dtype: torch.dtype, lean: bool = True
+) -> GPT2Runner | HFRunner:
+    """A runner for a causal LM checkpoint: our GPT-2 where possible, else transformers.
+
+    With ``lean=False`` every architecture, GPT-2 included, runs in transformers.
+    """
+    config = checkpoint.load_config(name_or_path)
+    checkpoint.weight_files(name_or_path)  # fail early, and clearly, when the weights are missing
+    if lean and config.get("model_type") == "gpt2":
+        return GPT2Runner(GPT2.from_pretrained(name_or_path, device=device, dtype=dtype))
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except Exception as err:  # transformers raises many types for unreadable checkpoints
+        raise ValueError(f"{os.fspath(name_or_path)}: transformers could not load it ({err})") from err
+    return HFRunner(model.to(device))
+
+
+def as_runner(model: torch.nn.Module | GPT2Runner | HFRunner) -> GPT2Runner | HFRunner:
+    """Wrap a loaded model (our GPT2, or a transformers causal LM) in its runner."""
+    if isinstance(model, (GPT2Runner, HFRunner)):
+        return model
+    if isinstance(model, GPT2):
+        return GPT2Runner(model)
+    if hasattr(model, "get_output_embeddings") and hasattr(model, "config"):
+        return HFRunner(model)
+    raise TypeError(f"expected a memdec_fast GPT2 or a transformers causal LM, got {type(model).__name__}")
