@@ -73,6 +73,7 @@ def extension():
     cxx = ["-O3", *os.environ.get("MEMDEC_FAST_CXX_FLAGS", "").split()]
     info = {"cpu": True, "cuda": with_cuda, "cuda_archs": [], "cuda_version": None, "torch_built": torch.__version__}
     include_dirs = [os.path.join(ROOT, "csrc")]
+    library_dirs = []
     jobs, nvcc_threads = parallelism()
     os.environ["MAX_JOBS"] = str(jobs)
 
@@ -83,6 +84,7 @@ def extension():
         info["cuda_archs"] = archs.replace(" ", ";").split(";")
         info["cuda_version"] = torch.version.cuda
         include_dirs += pip_cuda_includes()
+        library_dirs += [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
         nvcc = ["-O3", f"--threads={nvcc_threads}", "-lineinfo",
                 *os.environ.get("MEMDEC_FAST_NVCC_FLAGS", "").split()]
@@ -99,6 +101,7 @@ def extension():
         "memdec_fast._C",
         sources,
         include_dirs=include_dirs,
+        library_dirs=library_dirs,
         define_macros=macros,
         extra_compile_args=args,
     )

@@ -16,6 +16,7 @@ of shape [B] (one value per row), so one batch can mix requests.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -23,11 +24,12 @@ import torch
 from memdec_fast import reference
 from memdec_fast.params import Param, check_logits, check_params, check_targets
 
+_LOAD_ERROR: Exception | None = None
 try:
+    if os.environ.get("MEMDEC_FAST_DISABLE_EXTENSION", "0") not in ("", "0"):
+        raise ImportError("disabled by MEMDEC_FAST_DISABLE_EXTENSION")
     from memdec_fast import _C  # noqa: F401  (importing it registers the ops)
-
-    _LOAD_ERROR: Exception | None = None
-except ImportError as err:  # missing, or built for another torch
+except ImportError as err:  # missing, built for another torch, or disabled
     _LOAD_ERROR = err
     warnings.warn(
         f"memdec_fast: the compiled extension could not be loaded ({err}); "
@@ -164,7 +166,7 @@ def target_logprobs(
     rp = _row_params(base_logits.shape[0], base_logits.device, values)
     return tuple(
         torch.ops.memdec_fast.target_logprobs.default(
-            base_logits, mem_logits, targets, rp, *(_scalar(values, n) for n in ("lmbda", "knn_temp", "base_temp"))
+            base_logits, mem_logits, targets.long(), rp, *(_scalar(values, n) for n in ("lmbda", "knn_temp", "base_temp"))
         )
     )
 
@@ -271,7 +273,9 @@ if _LOAD_ERROR is None:
         return tuple(base_logits.new_empty(base_logits.shape[:1], dtype=torch.float32) for _ in range(3))
 
     @torch.library.register_fake("memdec_fast::sample")
-    def _sample_fake(base_logits, mem_logits, row_params, *scalars_and_generator):
+    def _sample_fake(
+        base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp, temperature, top_k, top_p, min_p, generator
+    ):
         torch._check(base_logits.dim() == 2 and base_logits.shape == mem_logits.shape)
         rows = base_logits.shape[:1]
         return base_logits.new_empty(rows, dtype=torch.int64), base_logits.new_empty(rows, dtype=torch.float32)

@@ -1,0 +1,71 @@
+// Block-wide building blocks for kernels that give one thread block to one row
+// of logits: element loads, reductions and the row's mixture constants.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "common/mixture.h"
+
+namespace memdec_fast {
+
+constexpr int kThreads = 512;  // threads per row block
+
+__device__ __forceinline__ float ToFloat(float x) { return x; }
+__device__ __forceinline__ float ToFloat(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// One row of both models' logits.
+template <typename TB, typename TM>
+struct RowPtrs {
+  const TB* base;
+  const TM* mem;
+  __device__ __forceinline__ float B(int i) const { return ToFloat(base[i]); }
+  __device__ __forceinline__ float M(int i) const { return ToFloat(mem[i]); }
+};
+
+struct PairStats {
+  MaxSum base, mem;
+};
+
+struct MergePairStats {
+  __device__ __forceinline__ PairStats operator()(const PairStats& a, const PairStats& b) const {
+    return PairStats{MaxSumMerge(a.base, b.base), MaxSumMerge(a.mem, b.mem)};
+  }
+};
+
+// Sum of a float over the block, returned to every thread.
+__device__ __forceinline__ float BlockSum(float x) {
+  using Reduce = cub::BlockReduce<float, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ float total;
+  const float r = Reduce(tmp).Sum(x);
+  if (threadIdx.x == 0) total = r;
+  __syncthreads();
+  const float out = total;
+  __syncthreads();
+  return out;
+}
+
+// The row's mixture constants: one pass over both rows (online softmax), every
+// thread gets the same result.
+template <typename TB, typename TM>
+__device__ Mixture BlockMixture(const RowPtrs<TB, TM>& row, int vocab, const RowParams& p) {
+  const float inv_b = 1.0f / p.base_temp, inv_m = 1.0f / p.knn_temp;
+  PairStats s{MaxSumIdentity(), MaxSumIdentity()};
+  for (int i = threadIdx.x; i < vocab; i += kThreads) {
+    s.base = MaxSumAdd(s.base, row.B(i) * inv_b);
+    s.mem = MaxSumAdd(s.mem, row.M(i) * inv_m);
+  }
+  using Reduce = cub::BlockReduce<PairStats, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ PairStats total;
+  const PairStats r = Reduce(tmp).Reduce(s, MergePairStats{});
+  if (threadIdx.x == 0) total = r;
+  __syncthreads();
+  return MakeMixture(p, total.base, total.mem);
+}
+
+}  // namespace memdec_fast

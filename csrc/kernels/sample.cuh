@@ -1,0 +1,246 @@
+// CUDA kernel of sample: one block per row, no sort and no global scratch.
+//
+// Passes over the row (each re-reads both logits from L2/HBM):
+//   1. softmax statistics of both models      (BlockMixture)
+//   2. argmax of log p                        (greedy rows stop here)
+//   3. top-k: radix select of the k-th largest log p, 4 passes of 8-bit digits
+//   4. top-p: total kept weight, then a radix select by weight, 1 + 4 passes
+//   5. total weight above the final threshold, then an inverse-CDF scan with
+//      one Philox uniform per row
+// Filters are value thresholds on log p, so their intersection is one threshold.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cub/block/block_scan.cuh>
+
+#include "common/philox.h"
+#include "kernels/block_row.cuh"
+
+namespace memdec_fast {
+
+// The generator state of one call: values, or (under CUDA-graph capture)
+// device pointers read at run time so that each replay draws fresh numbers.
+struct PhiloxArgs {
+  uint64_t seed, offset;
+  const int64_t* seed_ptr;
+  const int64_t* offset_ptr;
+  uint64_t offset_intragraph;
+  bool captured;
+};
+
+__device__ __forceinline__ void UnpackPhilox(const PhiloxArgs& a, uint64_t* seed, uint64_t* offset) {
+  *seed = a.captured ? static_cast<uint64_t>(*a.seed_ptr) : a.seed;
+  *offset = a.captured ? static_cast<uint64_t>(*a.offset_ptr) + a.offset_intragraph : a.offset;
+}
+
+struct ArgMax {
+  float value;
+  int index;
+};
+
+struct MergeArgMax {  // larger value; the first index on ties
+  __device__ __forceinline__ ArgMax operator()(const ArgMax& a, const ArgMax& b) const {
+    if (a.value != b.value) return a.value > b.value ? a : b;
+    return a.index < b.index ? a : b;
+  }
+};
+
+// Run by one whole warp over bins[256] in shared memory, from digit 255 down:
+// the first digit d where (sum of bins above d) + bins[d] >= need. Writes d and
+// the sum above it to *digit / *above. When the bins fall short (float rounding)
+// it takes the lowest digit with a positive bin, and -1 when every bin is empty.
+template <typename T>
+__device__ void WarpFindCrossing(const T* bins, T need, int* digit, T* above) {
+  const int lane = threadIdx.x & 31;
+  T local[8], sum = 0;
+  for (int j = 0; j < 8; ++j) {
+    local[j] = bins[255 - (lane * 8 + j)];
+    sum += local[j];
+  }
+  T incl = sum;
+  for (int o = 1; o < 32; o <<= 1) {
+    const T n = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += n;
+  }
+  const unsigned crossing = __ballot_sync(0xffffffffu, sum > 0 && incl >= need);
+  const unsigned positive = __ballot_sync(0xffffffffu, sum > 0);
+  if (positive == 0) {
+    if (lane == 0) *digit = -1;
+    return;
+  }
+  const int owner = crossing ? __ffs(crossing) - 1 : 31 - __clz(positive);
+  if (lane != owner) return;
+  T acc = incl - sum, above_last = acc;
+  int last = 0;
+  for (int j = 0; j < 8; ++j) {
+    if (local[j] > 0) {
+      last = j;
+      above_last = acc;
+      if (crossing && acc + local[j] >= need) break;
+    }
+    acc += local[j];
+  }
+  *digit = 255 - (lane * 8 + last);
+  *above = above_last;
+}
+
+// Radix select over keys = OrderedKey(log p) of the candidates (log p >= floor).
+// WEIGHTED=false: the k-th largest value (need = k, bins count tokens).
+// WEIGHTED=true: the value v where the weight strictly above v is < need <= the
+// weight at or above v (bins sum sampling weights).
+template <bool WEIGHTED, typename TB, typename TM>
+__device__ float BlockRadixSelect(const RowPtrs<TB, TM>& row, int vocab, const Mixture& mix, float floor,
+                                  float max_logp, float inv_t, float need) {
+  using Bin = typename std::conditional<WEIGHTED, float, int>::type;
+  __shared__ Bin bins[256];
+  __shared__ uint32_t prefix, mask;
+  __shared__ Bin remaining, above;
+  __shared__ int digit;
+  if (threadIdx.x == 0) {
+    prefix = mask = 0;
+    remaining = static_cast<Bin>(need);
+  }
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int j = threadIdx.x; j < 256; j += kThreads) bins[j] = 0;
+    __syncthreads();
+    const uint32_t pre = prefix, msk = mask;
+    for (int i = threadIdx.x; i < vocab; i += kThreads) {
+      const float lp = mix.LogProb(row.B(i), row.M(i));
+      const uint32_t key = OrderedKey(lp);
+      if (lp >= floor && (key & msk) == pre) {
+        if constexpr (WEIGHTED) {
+          atomicAdd(&bins[(key >> shift) & 255u], TokenWeight(lp, max_logp, inv_t));
+        } else {
+          atomicAdd(&bins[(key >> shift) & 255u], 1);
+        }
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) WarpFindCrossing<Bin>(bins, remaining, &digit, &above);
+    __syncthreads();
+    const int d = digit;
+    if (d < 0) break;  // nothing left to refine: keep the whole current range
+    if (threadIdx.x == 0) {
+      remaining -= above;
+      prefix |= static_cast<uint32_t>(d) << shift;
+      mask |= 255u << shift;
+    }
+    __syncthreads();
+  }
+  return KeyToFloat(prefix);
+}
+
+// Inverse-CDF pick among tokens with log p >= threshold: the first token whose
+// running weight, in index order, exceeds target.
+template <typename TB, typename TM>
+__device__ int BlockInverseCdf(const RowPtrs<TB, TM>& row, int vocab, const Mixture& mix, float threshold,
+                               float max_logp, float inv_t, float target) {
+  using Scan = cub::BlockScan<float, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ float running;
+  __shared__ int pick, last;
+  if (threadIdx.x == 0) {
+    running = 0.0f;
+    pick = INT_MAX;
+    last = -1;
+  }
+  __syncthreads();
+  for (int start = 0; start < vocab; start += kThreads) {
+    const int i = start + threadIdx.x;
+    float w = 0.0f;
+    if (i < vocab) {
+      const float lp = mix.LogProb(row.B(i), row.M(i));
+      if (lp >= threshold) w = TokenWeight(lp, max_logp, inv_t);
+    }
+    float incl, chunk;
+    Scan(tmp).InclusiveSum(w, incl, chunk);
+    const float before = running;
+    if (w > 0.0f) {
+      atomicMax(&last, i);
+      if (before + incl > target) atomicMin(&pick, i);
+    }
+    __syncthreads();
+    const bool found = pick != INT_MAX;
+    if (threadIdx.x == 0) running = before + chunk;
+    __syncthreads();
+    if (found) break;
+  }
+  return pick != INT_MAX ? pick : last;  // `last`: should rounding leave the total short
+}
+
+template <typename TB, typename TM>
+__global__ void __launch_bounds__(kThreads)
+    SampleKernel(const TB* base, int64_t base_stride, const TM* mem, int64_t mem_stride, int vocab,
+                 const float* table, RowParams scalars, PhiloxArgs philox, int64_t* tokens, float* logprobs) {
+  const int64_t r = blockIdx.x;
+  const RowPtrs<TB, TM> row{base + r * base_stride, mem + r * mem_stride};
+  const RowParams p = LoadRowParams(table, r, scalars);
+  const Mixture mix = BlockMixture(row, vocab, p);
+  if (!mix.valid) {
+    if (threadIdx.x == 0) {
+      tokens[r] = -1;
+      logprobs[r] = QuietNaN();
+    }
+    return;
+  }
+
+  ArgMax best{NegInf(), INT_MAX};
+  for (int i = threadIdx.x; i < vocab; i += kThreads) {
+    const float lp = mix.LogProb(row.B(i), row.M(i));
+    if (lp > best.value) best = ArgMax{lp, i};
+  }
+  {
+    using Reduce = cub::BlockReduce<ArgMax, kThreads>;
+    __shared__ typename Reduce::TempStorage tmp;
+    __shared__ ArgMax total;
+    const ArgMax b = Reduce(tmp).Reduce(best, MergeArgMax{});
+    if (threadIdx.x == 0) total = b;
+    __syncthreads();
+    best = total;
+  }
+  const float max_logp = best.value;
+  int pick = best.index;
+  if (p.temperature > 0.0f) {
+    const float inv_t = 1.0f / p.temperature;
+    float threshold = NegInf();
+    if (p.top_k > 0 && p.top_k < vocab) {
+      threshold = BlockRadixSelect<false>(row, vocab, mix, threshold, max_logp, inv_t, float(p.top_k));
+    }
+    if (p.top_p < 1.0f) {
+      float w = 0.0f;
+      for (int i = threadIdx.x; i < vocab; i += kThreads) {
+        const float lp = mix.LogProb(row.B(i), row.M(i));
+        if (lp >= threshold) w += TokenWeight(lp, max_logp, inv_t);
+      }
+      const float need = p.top_p * BlockSum(w);
+      threshold = BlockRadixSelect<true>(row, vocab, mix, threshold, max_logp, inv_t, need);
+    }
+    if (p.min_p > 0.0f) threshold = fmaxf(threshold, max_logp + p.temperature * logf(p.min_p));
+    float w = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += kThreads) {
+      const float lp = mix.LogProb(row.B(i), row.M(i));
+      if (lp >= threshold) w += TokenWeight(lp, max_logp, inv_t);
+    }
+    const float total = BlockSum(w);
+    uint64_t seed, offset;
+    UnpackPhilox(philox, &seed, &offset);
+    const float target = RowUniform(seed, offset, r) * total;
+    pick = BlockInverseCdf(row, vocab, mix, threshold, max_logp, inv_t, target);
+  }
+  if (threadIdx.x == 0) {
+    tokens[r] = pick;
+    logprobs[r] = mix.LogProb(row.B(pick), row.M(pick));
+  }
+}
+
+template <typename TB, typename TM>
+void LaunchSample(const TB* base, int64_t base_stride, const TM* mem, int64_t mem_stride, int rows, int vocab,
+                  const float* table, RowParams scalars, PhiloxArgs philox, int64_t* tokens, float* logprobs,
+                  cudaStream_t stream) {
+  SampleKernel<<<rows, kThreads, 0, stream>>>(base, base_stride, mem, mem_stride, vocab, table, scalars, philox,
+                                              tokens, logprobs);
+}
+
+}  // namespace memdec_fast
