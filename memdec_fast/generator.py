@@ -29,7 +29,7 @@ from memdec_fast.generation.requests import (
     select_rows,
 )
 from memdec_fast.generation.text import Row
-from memdec_fast.models import MLPMemory, as_runner, detect_memory_type, load_causal_lm
+from memdec_fast.models import MLPMemory, as_runner, checkpoint, detect_memory_type, load_causal_lm
 from memdec_fast.params import Param, check_params
 
 __all__ = ["GenerationResult", "JointGenerator"]
@@ -151,14 +151,11 @@ class JointGenerator:
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
         check_params(1, lmbda=lmbda, knn_temp=knn_temp, base_temp=base_temp)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(base)
-            except Exception as err:  # missing files raise OSError, bad ones many other types
-                raise ValueError(f"{os.fspath(base)}: no usable tokenizer ({err}); pass tokenizer=...") from err
+        tokenizer = tokenizer or checks.load_tokenizer(base)
         checks.check_tokenizers(tokenizer, memory)
+        for path in (base, memory):  # fail on missing files before any weights load
+            checkpoint.load_config(path)
+            checkpoint.weight_files(path)
         if memory_type == "auto":
             memory_type = detect_memory_type(memory)
         base_runner = load_causal_lm(base, device, dtype, lean=not reference)

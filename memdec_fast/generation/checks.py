@@ -27,16 +27,26 @@ def check_vocab(vocab: int, base_rows: int, memory_rows: int, memory_kind: str) 
         )
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved with a checkpoint, or ValueError when it has none that loads."""
+    from transformers import AutoTokenizer
+
+    if not any(checkpoint.resolve(path, f) for f in TOKENIZER_FILES):
+        raise ValueError(f"{os.fspath(path)}: no usable tokenizer (no tokenizer files); pass tokenizer=...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # missing or bad files raise many types
+        raise ValueError(f"{os.fspath(path)}: no usable tokenizer ({err}); pass tokenizer=...") from err
+    if len(tokenizer) < 2:
+        raise ValueError(f"{os.fspath(path)}: no usable tokenizer (it has {len(tokenizer)} tokens)")
+    return tokenizer
+
+
 def check_tokenizers(tokenizer, memory: str | os.PathLike) -> None:
     """When the memory ships a tokenizer, it must equal the base's (same tokens, same ids)."""
     if not any(checkpoint.resolve(memory, f) for f in TOKENIZER_FILES):
         return
-    from transformers import AutoTokenizer
-
-    try:
-        theirs = AutoTokenizer.from_pretrained(memory)
-    except Exception as err:  # tokenizer loading raises many types
-        raise ValueError(f"{os.fspath(memory)}: its tokenizer files could not be loaded ({err})") from err
+    theirs = load_tokenizer(memory)
     if theirs.get_vocab() != tokenizer.get_vocab():
         raise ValueError(
             f"tokenizer mismatch: the memory at {os.fspath(memory)} uses a different tokenizer "

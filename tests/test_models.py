@@ -1,0 +1,181 @@
+"""The model runners against transformers' GPT-2, on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import PAD_ROWS, save_gpt2
+from transformers import GPT2LMHeadModel
+
+from memdec_fast.models import GPT2, GPT2Runner, HFRunner, MLPMemory, detect_memory_type
+from memdec_fast.models.gpt2 import activation
+
+
+@functools.cache
+def hf(path) -> GPT2LMHeadModel:
+    """transformers' GPT-2 for a checkpoint (cached: tests must not modify it)."""
+    return GPT2LMHeadModel.from_pretrained(path).eval()
+
+
+def random_ids(tokenizer, *shape, seed=0) -> torch.Tensor:
+    return torch.randint(0, len(tokenizer), shape, generator=torch.Generator().manual_seed(seed))
+
+
+def mlp_memory_formula(path, hidden: torch.Tensor) -> torch.Tensor:
+    """The upstream MLP Memory, straight from the raw checkpoint tensors (Conv1D weights are [in, out])."""
+    import json
+
+    from safetensors.torch import load_file
+
+    w = load_file(str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    act = activation(cfg["activation_function"])
+    eps = cfg["layer_norm_epsilon"]
+    x = hidden
+    if "embedding_transform.weight" in w:
+        x = x @ w["embedding_transform.weight"].T + w["embedding_transform.bias"]
+    for i in range(cfg["n_layer"]):
+        p = f"h.{i}."
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:], w[p + "ln_1.weight"], w[p + "ln_1.bias"], eps)
+        h = act(h @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"])
+        x = x + h @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
+    x = torch.nn.functional.layer_norm(x, x.shape[-1:], w["ln_f.weight"], w["ln_f.bias"], eps)
+    return x @ w["lm_head.weight"].T
+
+
+def mlp_input_hook(model: GPT2LMHeadModel, layer: int, store: list):
+    """Record the input of h[layer].mlp (the output of ln_2) on every forward."""
+    return model.transformer.h[layer].mlp.register_forward_pre_hook(lambda _m, args: store.append(args[0]))
+
+
+@pytest.mark.parametrize("name", ["base", "decoder"])
+def test_gpt2_logits_match_transformers(ckpts, tokenizer, name):
+    ids = random_ids(tokenizer, 3, 21)
+    ours, _ = GPT2.from_pretrained(ckpts[name])(ids, torch.arange(21).expand(3, 21))
+    with torch.no_grad():
+        theirs = hf(ckpts[name])(ids).logits
+    print("max abs diff", (ours - theirs).abs().max().item())
+    assert ours.shape == theirs.shape == (3, 21, len(tokenizer) + PAD_ROWS)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_gpt2_loads_pytorch_model_bin_and_untied_head(tmp_path, tokenizer):
+    path = save_gpt2(tmp_path / "bin", tokenizer, seed=7, tie_word_embeddings=False)
+    model = hf(path)
+    (path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    ours = GPT2.from_pretrained(path)
+    assert ours.lm_head is not None  # a separate head, not the embedding
+    ids = random_ids(tokenizer, 2, 9)
+    with torch.no_grad():
+        assert (ours(ids, torch.arange(9).expand(2, 9))[0] - model(ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpt2_low_precision_close_to_float32(ckpts, tokenizer, dtype):
+    ids = random_ids(tokenizer, 2, 12)
+    pos = torch.arange(12).expand(2, 12)
+    ref, _ = GPT2.from_pretrained(ckpts["base"])(ids, pos)
+    low, _ = GPT2.from_pretrained(ckpts["base"], dtype=dtype)(ids, pos)
+    err = (low.float() - ref).abs()
+    print(dtype, "max", err.max().item(), "mean", err.mean().item())
+    assert low.dtype == dtype and err.max() < 0.05 * ref.abs().max()
+
+
+def test_hidden_state_is_the_input_of_the_mlp(ckpts, tokenizer):
+    ids = random_ids(tokenizer, 2, 10)
+    model, seen = hf(ckpts["base"]), []
+    handle = mlp_input_hook(model, 0, seen)
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    _, hidden = GPT2.from_pretrained(ckpts["base"])(ids, torch.arange(10).expand(2, 10), hidden_layer=0)
+    assert (hidden - seen[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("runner", ["lean", "transformers"])
+def test_left_padded_prefill_and_decode_match_each_row_alone(ckpts, tokenizer, runner):
+    """Cached, left-padded steps give each row the logits of a plain forward over that row alone."""
+    model = hf(ckpts["base"])
+    r = GPT2Runner(GPT2.from_pretrained(ckpts["base"])) if runner == "lean" else HFRunner(hf(ckpts["base"]))
+    r.hidden_layer = -1
+    lengths, steps = [7, 3, 5], 4
+    prompts = [random_ids(tokenizer, n, seed=n).tolist() for n in lengths]
+    T = max(lengths)
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
+    logits, hidden = r.prefill(ids, mask, T + steps)
+    new = random_ids(tokenizer, steps, 3, seed=99)
+    outs = [(logits, hidden)] + [r.decode(new[s]) for s in range(steps)]
+    for b, p in enumerate(prompts):
+        full = torch.tensor([p + new[:, b].tolist()])
+        seen = []
+        handle = mlp_input_hook(model, -1, seen)
+        with torch.no_grad():
+            want = model(full).logits[0, len(p) - 1:]
+        handle.remove()
+        for s, (lg, hd) in enumerate(outs):
+            assert (lg[b] - want[s]).abs().max() < 1e-4, (b, s)
+            assert (hd[b] - seen[0][0, len(p) - 1 + s]).abs().max() < 1e-4, (b, s)
+
+
+@pytest.mark.parametrize("runner", ["lean", "transformers"])
+def test_keep_rows_drops_rows_without_changing_the_others(ckpts, tokenizer, runner):
+    make = (lambda: GPT2Runner(GPT2.from_pretrained(ckpts["base"]))) if runner == "lean" else (
+        lambda: HFRunner(hf(ckpts["base"])))
+    ids = random_ids(tokenizer, 3, 6)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    a, b = make(), make()
+    a.prefill(ids, mask, 9)
+    b.prefill(ids, mask, 9)
+    tok = random_ids(tokenizer, 3, seed=5)
+    a.decode(tok)
+    b.decode(tok)
+    b.keep_rows(torch.tensor([0, 2]))
+    nxt = random_ids(tokenizer, 3, seed=6)
+    assert (a.decode(nxt)[0][[0, 2]] - b.decode(nxt[[0, 2]])[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_last"])
+def test_mlp_memory_matches_the_upstream_formula(ckpts, name):
+    memory = MLPMemory.from_pretrained(ckpts[name])
+    x = torch.randn(4, 5, memory.input_dim)
+    assert (memory(x) - mlp_memory_formula(ckpts[name], x)).abs().max() < 1e-4
+    assert memory.layer_position == (0 if name == "mlp" else -1)
+
+
+def test_detect_memory_type(ckpts):
+    assert detect_memory_type(ckpts["decoder"]) == "decoder"
+    assert detect_memory_type(ckpts["mlp"]) == "mlp"  # has mlp_memory_config.json
+    assert detect_memory_type(ckpts["mlp_last"]) == "mlp"  # MLP weights, no attention
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, ckpts):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        GPT2.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((ckpts["base"] / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        GPT2.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
+    with pytest.raises(ValueError, match="corrupt checkpoint"):
+        GPT2.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt JSON"):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_checkpoint_with_missing_or_misshapen_tensors(tmp_path, ckpts):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ckpts["base"] / "model.safetensors"))
+    (tmp_path / "config.json").write_text((ckpts["base"] / "config.json").read_text())
+    save_file({k: v for k, v in state.items() if "h.1.mlp" not in k}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing 4 tensors"):
+        GPT2.from_pretrained(tmp_path)
+    state["transformer.ln_f.weight"] = torch.ones(3)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="ln_f.weight has shape"):
+        GPT2.from_pretrained(tmp_path)
