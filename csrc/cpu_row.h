@@ -19,9 +19,11 @@ MaxSum RowMaxSum(const T* x, int64_t vocab, float scale) {
   }
   if (nan) return MaxSum{mx, QuietNaN()};
   if (mx == NegInf()) return MaxSum{mx, 0.0f};
-  float sum = 0.0f;  // +inf gives exp(inf - inf) = NaN: the row is invalid
+  // +inf gives exp(inf - inf) = NaN: the row is invalid. A double sum keeps the
+  // serial loop's rounding error below that of a float32 log_softmax.
+  double sum = 0.0;
   for (int64_t i = 0; i < vocab; ++i) sum += expf(static_cast<float>(x[i]) * scale - mx);
-  return MaxSum{mx, sum};
+  return MaxSum{mx, static_cast<float>(sum)};
 }
 
 template <typename TB, typename TM>
