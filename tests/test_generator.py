@@ -277,3 +277,32 @@ def test_nan_logits_raise(ckpts, tokenizer):
     gen = JointGenerator(base, GPT2.from_pretrained(ckpts["decoder"]), tokenizer, lmbda=0.5)
     with pytest.raises(RuntimeError, match="NaN or infinite logits"):
         gen.generate("hi", max_new_tokens=3)
+
+
+def test_other_architectures_fall_back_to_transformers(tmp_path, ckpts, tokenizer):
+    """A Llama base runs through transformers, with a Memory Decoder or an MLP Memory on its h[-1] MLP input."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+                      bos_token_id=0, eos_token_id=0)
+    llama = LlamaForCausalLM(cfg).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    memory, seen = hf(ckpts["decoder"]), []
+    handle = llama.model.layers[-1].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    for mem in ("decoder", "mlp_last"):
+        gen = JointGenerator.from_pretrained(tmp_path / "llama", ckpts[mem], lmbda=0.5)
+        assert type(gen.base).__name__ == "HFRunner"
+        res = gen.generate(PROMPTS[:2], max_new_tokens=5)
+        for i, prompt in enumerate(PROMPTS[:2]):
+            seq = tokenizer.encode(prompt)
+            for _ in range(5):
+                with torch.no_grad():
+                    b = llama(torch.tensor([seq])).logits[0, -1, :len(tokenizer)]
+                    m = (memory(torch.tensor([seq])).logits[0, -1] if mem == "decoder"
+                         else mlp_memory_formula(ckpts[mem], seen[-1][0, -1]))[:len(tokenizer)]
+                seq.append(int((torch.softmax(b, -1) + torch.softmax(m, -1)).argmax()))
+            assert res.token_ids[i] == seq[-5:]
+    handle.remove()
