@@ -1,0 +1,58 @@
+"""Shared settings for the pytest-benchmark files in benchmarks/.
+
+Run, e.g.: pytest benchmarks/bench_ops.py --benchmark-json benchmarks/results/ops_cpu.json
+Each JSON names the device, the torch version, the date and the git commit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["memdec_fast"] = {
+        "devices": {d: device_name(d) for d in DEVICES},
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+    }
+
+
+@pytest.fixture
+def timed(benchmark):
+    """benchmark.pedantic with a warm-up, synchronising CUDA around each call."""
+
+    def run(fn, *args, device: str = "cpu", rounds: int = 10, **kwargs):
+        def call():
+            out = fn(*args, **kwargs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        for _ in range(2):
+            call()
+        return benchmark.pedantic(call, rounds=rounds, iterations=1)
+
+    return run
