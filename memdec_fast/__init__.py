@@ -27,7 +27,10 @@ _LAZY = {
     "PerplexityResult": "memdec_fast.perplexity",
 }
 
-__all__ = ["ops", "reference", "build_info", "__version__", *_LAZY]
+__all__ = [
+    "GenerationResult", "JointGenerator", "PerplexityResult", "__version__", "build_info", "ops", "perplexity",
+    "reference",
+]
 
 
 def __getattr__(name: str):

@@ -41,12 +41,12 @@ except ImportError as err:  # missing, built for another torch, or disabled
 __all__ = [
     "ROW_PARAM_COLUMNS",
     "compiled_available",
-    "require_compiled",
     "joint_logprobs",
-    "target_logprobs",
+    "pack_row_params",
+    "require_compiled",
     "sample",
     "sample_rows",
-    "pack_row_params",
+    "target_logprobs",
 ]
 
 ROW_PARAM_COLUMNS = ("lmbda", "knn_temp", "base_temp", "temperature", "top_k", "top_p", "min_p")

@@ -7,11 +7,10 @@ report bad input in the same words.
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 
-Param = Union[float, int, torch.Tensor]
+Param = float | int | torch.Tensor
 """A sampling parameter: one Python number for the batch, or a tensor [B]."""
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,7 +54,7 @@ def check_params(rows: int, **params: Param) -> None:
             if name == "top_k" and (value.is_floating_point() or value.is_complex()):
                 raise ValueError(f"{name}: expected an integer tensor, got {value.dtype}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}: expected a number or a tensor, got {type(value).__name__}")
+            raise ValueError(f"{name}: expected a number or a tensor, got {type(value).__name__}")  # noqa: TRY004
         elif name == "top_k" and not isinstance(value, int):
             raise ValueError(f"{name}: expected an int, got {value!r}")
         if not _in_range(name, value):
@@ -67,7 +66,7 @@ def check_logits(base_logits: torch.Tensor, mem_logits: torch.Tensor) -> None:
     """Check that the two logit tensors are [B, V] twins on one device."""
     for name, t in (("base_logits", base_logits), ("mem_logits", mem_logits)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+            raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")  # noqa: TRY004
         if t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor [B, V], got shape {list(t.shape)}")
         if t.dtype not in LOGIT_DTYPES:

@@ -23,7 +23,7 @@ import torch
 
 from memdec_fast.params import Param, check_logits, check_params, check_targets
 
-__all__ = ["joint_logprobs", "sample", "target_logprobs", "component_logprobs"]
+__all__ = ["component_logprobs", "joint_logprobs", "sample", "target_logprobs"]
 
 
 def _column(x: Param, rows: int, device: torch.device) -> torch.Tensor:
@@ -188,7 +188,7 @@ def sample(
     x = filtered_logits(torch.where(bad[:, None], torch.zeros_like(logp), logp),
                         temperature, top_k, top_p, min_p)
     probs = torch.softmax(x, dim=-1)
-    drawn = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logp.device)
+    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     tokens = torch.where(greedy, logp.argmax(-1), drawn)
     tokens = torch.where(bad, torch.full_like(tokens, -1), tokens)
     chosen = logp.gather(1, tokens.clamp_min(0)[:, None]).squeeze(1)

@@ -133,11 +133,11 @@ def test_greedy_takes_first_index_on_ties(device):
 
 
 FILTERS = [
-    dict(temperature=1.0),
-    dict(temperature=0.6, top_k=4),
-    dict(temperature=1.3, top_p=0.7),
-    dict(temperature=1.0, min_p=0.08),
-    dict(temperature=0.8, top_k=9, top_p=0.9, min_p=0.02),
+    {"temperature": 1.0},
+    {"temperature": 0.6, "top_k": 4},
+    {"temperature": 1.3, "top_p": 0.7},
+    {"temperature": 1.0, "min_p": 0.08},
+    {"temperature": 0.8, "top_k": 9, "top_p": 0.9, "min_p": 0.02},
 ]
 
 
@@ -207,7 +207,7 @@ def test_top_p_always_keeps_the_best_token(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_same_seed_same_tokens(device):
     base, mem = sample_inputs(64, 5000, device, torch.bfloat16, torch.float16)
-    draw = lambda seed: ops.sample(base, mem, 0.5, top_p=0.95, generator=torch.Generator(device=device).manual_seed(seed))[0]  # noqa: E731
+    draw = lambda seed: ops.sample(base, mem, 0.5, top_p=0.95, generator=torch.Generator(device=device).manual_seed(seed))[0]
     assert torch.equal(draw(7), draw(7))
     assert not torch.equal(draw(7), draw(8))
 
@@ -253,20 +253,20 @@ def test_masked_tokens_are_never_drawn(device):
 
 
 BAD_ARGS = [
-    (dict(lmbda=1.5), "lmbda"),
-    (dict(lmbda=-0.1), "lmbda"),
-    (dict(lmbda=math.nan), "lmbda"),
-    (dict(knn_temp=0.0), "knn_temp"),
-    (dict(base_temp=-1.0), "base_temp"),
-    (dict(temperature=-0.5), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.2), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(top_k=2.5), "top_k"),
-    (dict(min_p=1.5), "min_p"),
-    (dict(lmbda=torch.tensor([0.5, 2.0])), "lmbda"),
-    (dict(lmbda=torch.tensor([0.5, 0.5, 0.5])), "lmbda"),
-    (dict(top_k=torch.tensor([1.0, 2.0])), "top_k"),
+    ({"lmbda": 1.5}, "lmbda"),
+    ({"lmbda": -0.1}, "lmbda"),
+    ({"lmbda": math.nan}, "lmbda"),
+    ({"knn_temp": 0.0}, "knn_temp"),
+    ({"base_temp": -1.0}, "base_temp"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.2}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"lmbda": torch.tensor([0.5, 2.0])}, "lmbda"),
+    ({"lmbda": torch.tensor([0.5, 0.5, 0.5])}, "lmbda"),
+    ({"top_k": torch.tensor([1.0, 2.0])}, "top_k"),
 ]
 
 
@@ -274,7 +274,7 @@ BAD_ARGS = [
 @pytest.mark.parametrize("impl", [ops, reference], ids=["ops", "reference"])
 def test_bad_parameters_name_the_argument(impl, kwargs, name):
     base, mem = sample_inputs(2, 10, "cpu")
-    args = dict(lmbda=0.5) | kwargs
+    args = {"lmbda": 0.5} | kwargs
     with pytest.raises(ValueError, match=name):
         impl.sample(base, mem, **args)
 
