@@ -47,12 +47,11 @@ def activation(name: str) -> nn.Module:
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        # k, v: [B, H, S, Dh]; a CUDA graph may hold their addresses, so they are only written in place
         super().__init__()
-        # zeros, not empty: masked slots still enter probs @ V, and 0 * NaN would poison it
-        shape = (batch, heads, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # input_pos: [T] cache slots; k, v: [B, H, T, Dh]
@@ -129,8 +128,10 @@ class GPT2(nn.Module):
         if old is not None and old.k.shape[0] == batch and old.k.shape[2] == length and old.k.dtype == dtype:
             return
         c = self.config
+        shape = (batch, c.n_head, length, c.n_embd // c.n_head)
         for block in self.h:
-            block.attn.kv_cache = KVCache(batch, c.n_head, length, c.n_embd // c.n_head, dtype, device)
+            # zeros, not empty: masked slots still enter probs @ V, and 0 * NaN would poison it
+            block.attn.kv_cache = KVCache(*(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv"))
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Shrink the caches to the batch rows `rows` [B'] (finished rows leave the batch)."""

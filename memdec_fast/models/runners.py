@@ -16,11 +16,12 @@ positions it would see alone.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.gpt2 import GPT2
+from memdec_fast.models.gpt2 import GPT2, KVCache
 
 Output = tuple[torch.Tensor, torch.Tensor | None]
 """(logits [B, V_model], hidden [B, D] or None); with forward(), both carry a T axis."""
@@ -31,12 +32,23 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+@dataclass
+class DecodeState:
+    """Everything a GPT-2 decode step reads and advances in place; a CUDA graph holds these addresses."""
+
+    caches: list[tuple[torch.Tensor, torch.Tensor]]  # per block (k, v): [B, H, S, Dh]
+    valid: torch.Tensor  # [B, S] bool: cache slots holding a real key
+    positions: torch.Tensor  # [B, 1] int64: next position id of each row
+    input_pos: torch.Tensor  # [1] int64: next cache slot
+
+
 class GPT2Runner:
     """Drives :class:`GPT2` with its static cache."""
 
     def __init__(self, model: GPT2):
         self.model = model
         self.hidden_layer: int | None = None
+        self.valid: torch.Tensor | None = None
         c = model.config
         self.vocab_size, self.max_context, self.hidden_size, self.num_layers = (
             c.vocab_size, c.n_positions, c.n_embd, c.n_layer,
@@ -47,17 +59,21 @@ class GPT2Runner:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> Output:
         # input_ids, attention_mask: [B, T]; length: cache slots S >= T
         B, T = input_ids.shape
-        self.model.setup_caches(B, length)
-        self.valid = torch.zeros(B, length, dtype=torch.bool, device=self.device)  # [B, S] keys that exist
-        self.valid[:, :T] = attention_mask
+        self.model.setup_caches(B, length)  # kept, like the state below, when the shape is unchanged
+        if self.valid is None or self.valid.shape != (B, length):
+            self.valid = torch.empty(B, length, dtype=torch.bool, device=self.device)
+            self.positions = torch.empty(B, 1, dtype=torch.int64, device=self.device)
+            self.input_pos = torch.empty(1, dtype=torch.int64, device=self.device)
+        self.valid.zero_()
+        self.valid[:, :T] = attention_mask  # [B, S] keys that exist
         causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
         # a padding query attends itself too, so that no row is all-masked (SDPA would give NaN)
         mask = causal & (attention_mask[:, None, :] | torch.eye(T, dtype=torch.bool, device=self.device))  # [B, T, T]
         mask = torch.nn.functional.pad(mask, (0, length - T))[:, None]  # [B, 1, T, S]
-        self.input_pos = torch.arange(T, device=self.device)
-        logits, hidden = self.model(input_ids, _positions(attention_mask), mask, self.input_pos, self.hidden_layer)
-        self.positions = attention_mask.sum(-1, keepdim=True)  # [B, 1] next position
-        self.input_pos = self.input_pos[-1:] + 1  # [1] next slot
+        slots = torch.arange(T, device=self.device)
+        logits, hidden = self.model(input_ids, _positions(attention_mask), mask, slots, self.hidden_layer)
+        self.positions.copy_(attention_mask.sum(-1, keepdim=True))  # [B, 1] next position
+        self.input_pos.fill_(T)  # [1] next slot
         return logits[:, -1], None if hidden is None else hidden[:, -1]
 
     @torch.inference_mode()
@@ -73,6 +89,12 @@ class GPT2Runner:
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.model.keep_rows(rows)
         self.valid, self.positions = self.valid[rows], self.positions[rows]
+
+    def bind(self, state: DecodeState) -> None:
+        """Prefill and decode into `state`'s tensors from now on (their shapes must then match)."""
+        for block, (k, v) in zip(self.model.h, state.caches, strict=True):
+            block.attn.kv_cache = KVCache(k, v)  # a fresh module: keep_rows elsewhere cannot swap our tensors
+        self.valid, self.positions, self.input_pos = state.valid, state.positions, state.input_pos
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> Output:
