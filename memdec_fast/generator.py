@@ -18,7 +18,7 @@ from functools import partial
 import torch
 
 from memdec_fast import ops, reference
-from memdec_fast.generation import checks
+from memdec_fast.generation import checks, cuda_graph
 from memdec_fast.generation.requests import (
     Prompts,
     check_request,
@@ -68,6 +68,10 @@ class JointGenerator:
         Softmax temperatures of the memory and of the base.
     reference : bool
         Sample with :mod:`memdec_fast.reference` instead of the fused ops.
+    cuda_graphs : bool
+        On CUDA, replay each decode step as a CUDA graph (see
+        :mod:`memdec_fast.generation.cuda_graph`); unsupported setups decode
+        eagerly after one log line. No effect on the CPU.
 
     Attributes
     ----------
@@ -83,7 +87,7 @@ class JointGenerator:
 
     def __init__(
         self, base, memory, tokenizer, lmbda: float, knn_temp: float = 1.0, base_temp: float = 1.0,
-        reference: bool = False,
+        reference: bool = False, cuda_graphs: bool = True,
     ):
         check_params(1, lmbda=lmbda, knn_temp=knn_temp, base_temp=base_temp)
         self.base = as_runner(base)
@@ -107,6 +111,10 @@ class JointGenerator:
         self._context = self.max_context if self.is_mlp else min(self.max_context, self.memory.max_context)
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" and not self.is_mlp else None
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self._graphs = None
+        if cuda_graphs:
+            self._graphs = cuda_graph.decode_graphs(self.base, self.memory, self.vocab, self._context, self._side,
+                                                    reference)
 
     @classmethod
     def from_pretrained(
@@ -121,6 +129,7 @@ class JointGenerator:
         tokenizer=None,
         reference: bool = False,
         base_temp: float = 1.0,
+        cuda_graphs: bool = True,
     ) -> JointGenerator:
         """Load a base and its memory from local directories or hub names.
 
@@ -139,6 +148,8 @@ class JointGenerator:
         tokenizer : default the base's own
         reference : bool
             Run transformers models and the reference ops (slow; for tests and comparisons).
+        cuda_graphs : bool
+            On CUDA, replay decode steps as CUDA graphs where supported.
 
         Example
         -------
@@ -163,7 +174,7 @@ class JointGenerator:
             mem = MLPMemory.from_pretrained(memory, device=device, dtype=dtype)
         else:
             mem = load_causal_lm(memory, device, dtype, lean=not reference)
-        return cls(base_runner, mem, tokenizer, lmbda, knn_temp, base_temp, reference)
+        return cls(base_runner, mem, tokenizer, lmbda, knn_temp, base_temp, reference, cuda_graphs)
 
     # -- model passes -------------------------------------------------------------------------
 
@@ -233,17 +244,15 @@ class JointGenerator:
         Finished rows are skipped; once half or fewer of the computed rows are
         live, the finished ones leave the batch (caches shrink).
         """
-        sample = reference.sample if self.reference else ops.sample
-        gen = None
-        if seed is not None:
-            on_device = self.device.type == "cuda" and ops.compiled_available() and not self.reference
-            gen = torch.Generator(self.device if on_device else "cpu").manual_seed(seed)
         ids, mask = left_pad(rows, self._pad_id, self.device)
         length = ids.shape[1] + max_new_tokens - 1  # cache slots: the last token needs no forward
         live = list(range(len(rows)))  # original index of each computed batch row
-        base_logits, mem_logits = self._both("prefill", ids, mask, length)
+        session = None
+        if self._graphs is not None:
+            session = self._graphs.session(len(rows), length, params, seed, partial(self._both, "prefill"))
+        session = session or _EagerSession(self, params, seed, length)
+        tokens, logprobs = session.start(ids, mask)
         for step in range(max_new_tokens):
-            tokens, logprobs = sample(base_logits, mem_logits, **params, generator=gen)
             for i, (r, t, lp) in enumerate(zip(live, tokens.tolist(), logprobs.tolist())):
                 row = out[r]
                 if row.finish_reason is not None:
@@ -264,11 +273,9 @@ class JointGenerator:
                 return
             if len(keep) <= len(live) // 2:
                 idx = torch.tensor(keep, device=self.device)
-                self.base.keep_rows(idx)
-                if not self.is_mlp:
-                    self._on_side(partial(self.memory.keep_rows, idx))
-                live, tokens, params = [live[i] for i in keep], tokens[idx], select_rows(params, idx)
-            base_logits, mem_logits = self._both("decode", tokens)
+                session.keep_rows(idx)
+                live, tokens = [live[i] for i in keep], tokens[idx]
+            tokens, logprobs = session.step(tokens)
 
     def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, lmbda, track_text):
         rows = encode_prompts(prompts, self.tokenizer, self.vocab)
@@ -365,3 +372,31 @@ class JointGenerator:
             if len(text) > sent:
                 yield text[sent:]
                 sent = len(text)
+
+
+class _EagerSession:
+    """The decode loop's passes without graphs: one eager forward per model and step, then the sampler.
+
+    The same interface as :class:`memdec_fast.generation.cuda_graph.GraphSession`.
+    """
+
+    def __init__(self, gen: JointGenerator, params: dict[str, Param], seed: int | None, length: int):
+        self.gen, self.params, self.length = gen, params, length
+        self.sample = reference.sample if gen.reference else ops.sample
+        self.rng = None
+        if seed is not None:
+            on_device = gen.device.type == "cuda" and ops.compiled_available() and not gen.reference
+            self.rng = torch.Generator(gen.device if on_device else "cpu").manual_seed(seed)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sample(*self.gen._both("prefill", input_ids, attention_mask, self.length), **self.params,
+                           generator=self.rng)
+
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sample(*self.gen._both("decode", tokens), **self.params, generator=self.rng)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.gen.base.keep_rows(rows)
+        if not self.gen.is_mlp:
+            self.gen._on_side(partial(self.gen.memory.keep_rows, rows))
+        self.params = select_rows(self.params, rows)
