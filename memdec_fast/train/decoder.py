@@ -1,0 +1,102 @@
+"""Memory Decoder training: a small causal LM distilled from the datastore's kNN targets."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from memdec_fast.train.datastore import Datastore
+from memdec_fast.train.loop import TrainConfig, train
+from memdec_fast.train.loss import memory_loss
+from memdec_fast.train.models import load_lm, load_tokenizer
+from memdec_fast.train.targets import KnnTargets
+
+__all__ = ["block_batches", "train_memory_decoder"]
+
+
+def block_batches(ds: Datastore, targets: KnnTargets, batch_size: int, seed: int, epoch: int,
+                  skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Shuffled batches of blocks with their kNN targets, after the first `skip`.
+
+    Yields (ids int64 [B, T], knn_indices int64 [B, T-1, W], knn_probs float32 [B, T-1, W]).
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(ds.n_blocks)
+    per = ds.block_size - 1
+    for start in range(skip * batch_size, ds.n_blocks, batch_size):
+        blocks = np.sort(order[start:start + batch_size])
+        ids = np.stack([ds.block(b) for b in blocks])
+        rows = (blocks[:, None] * per + np.arange(per)).reshape(-1)
+        width = targets.indices.shape[1]
+        yield (torch.from_numpy(ids).long(),
+               torch.from_numpy(targets.indices[rows]).long().view(len(blocks), per, width),
+               torch.from_numpy(targets.probs[rows]).view(len(blocks), per, width))
+
+
+def train_memory_decoder(
+    datastore: str | Path | Datastore,
+    init: str | Path | PreTrainedModel,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    tokenizer_dir: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Train a Memory Decoder with 0.5 * KL(p_kNN || p_mem) + 0.5 * CE and save it as a HF directory.
+
+    Parameters
+    ----------
+    datastore : path or Datastore
+        With kNN targets built (:func:`build_knn_targets`).
+    init : path or model
+        The small causal LM to start from; it must share the base's tokenizer.
+    out_dir : path
+        Receives the trained model (save_pretrained) and the tokenizer.
+    config : TrainConfig
+        Optimisation settings (AdamW lr 1e-3, linear schedule, grad clip 1.0 by default).
+    tokenizer_dir : path
+        Where to copy the tokenizer from (default: `init` when it is a directory).
+    work_dir : path
+        Checkpoint location (default ``<out_dir>/checkpoint``); a run resumes from it.
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+
+    Example
+    -------
+    >>> train_memory_decoder("ds/", "base/", "memory/", TrainConfig(epochs=3))  # doctest: +SKIP
+    """
+    cfg = config or TrainConfig()
+    ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
+    targets = KnnTargets(ds.path / "knn_targets")
+    model = load_lm(init, device) if isinstance(init, (str, Path)) else init.to(device)
+    if model.get_output_embeddings().weight.shape[0] != ds.meta["vocab_size"]:
+        raise ValueError(f"the decoder's vocabulary ({model.get_output_embeddings().weight.shape[0]}) differs "
+                         f"from the datastore's ({ds.meta['vocab_size']}): they must share a tokenizer")
+    tok_src = tokenizer_dir if tokenizer_dir is not None else init
+    tokenizer = load_tokenizer(tok_src)
+    torch.manual_seed(cfg.seed)
+
+    def loss_fn(batch):
+        ids, idx, probs = (t.to(device) for t in batch)
+        logits = model(ids).logits[:, :-1]  # [B, T-1, V]
+        loss, kl, ce = memory_loss(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                   idx.reshape(-1, idx.shape[-1]), probs.reshape(-1, probs.shape[-1]), cfg.alpha)
+        return loss, {"kl": kl, "ce": ce}
+
+    out = Path(out_dir)
+    ckpt = Path(work_dir) if work_dir is not None else out / "checkpoint"
+    steps = -(-ds.n_blocks // cfg.batch_size)
+    train(model, loss_fn, lambda e, s: block_batches(ds, targets, cfg.batch_size, cfg.seed, e, s), steps, cfg,
+          ckpt / "decoder.pt", desc="memory decoder")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if work_dir is None:
+        shutil.rmtree(ckpt)
+    return out
