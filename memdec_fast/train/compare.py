@@ -1,0 +1,147 @@
+"""Base vs kNN-LM vs Memory Decoder on held-out text: perplexity and per-token decoding latency.
+
+Latency is measured the same way for all three: greedy decoding at batch size 1
+with a KV cache, the prompt's prefill excluded, after one warm-up run; the
+median over runs of the mean time per new token.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from memdec_fast import ops
+from memdec_fast.train.datastore import Datastore
+from memdec_fast.train.evaluate import as_lines, best_lmbda, mixture_ppl, windowed_logprobs
+from memdec_fast.train.knnlm import KNNLM
+from memdec_fast.train.models import load_lm, load_tokenizer
+
+__all__ = ["compare", "format_table", "memory_mixing", "ms_per_token"]
+
+Step = Callable[[torch.Tensor, object], tuple[torch.Tensor, object]]
+
+
+def memory_mixing(memory_dir: str | Path) -> dict:
+    """lmbda and knn_temp stored with a memory (memdec_config.json), or upstream-like defaults."""
+    path = Path(memory_dir) / "memdec_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {"lmbda": 0.55, "knn_temp": 1.0}
+
+
+def _lm_step(model: torch.nn.Module) -> Step:
+    @torch.inference_mode()
+    def step(ids, past):
+        out = model(ids, past_key_values=past, use_cache=True)
+        return torch.log_softmax(out.logits[:, -1].float(), -1), out.past_key_values
+    return step
+
+
+def _joint_step(base: torch.nn.Module, memory: torch.nn.Module, lmbda: float, knn_temp: float) -> Step:
+    @torch.inference_mode()
+    def step(ids, past):
+        pb, pm = past if past is not None else (None, None)
+        ob = base(ids, past_key_values=pb, use_cache=True)
+        om = memory(ids, past_key_values=pm, use_cache=True)
+        logp = ops.joint_logprobs(ob.logits[:, -1].float(), om.logits[:, -1].float(), lmbda, knn_temp)
+        return logp, (ob.past_key_values, om.past_key_values)
+    return step
+
+
+def ms_per_token(step: Step, prompt: torch.Tensor, new_tokens: int = 32, runs: int = 5) -> float:
+    """Median over `runs` (after a warm-up) of the mean milliseconds per greedy token; prompt ids [1, T]."""
+    times = []
+    for run in range(runs + 1):
+        logp, past = step(prompt, None)
+        tok = logp.argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            logp, past = step(tok, past)
+            tok = logp.argmax(-1, keepdim=True)
+        if run:
+            times.append((time.perf_counter() - start) * 1e3 / new_tokens)
+    return statistics.median(times)
+
+
+def compare(
+    base_dir: str | Path,
+    memory_dir: str | Path,
+    datastore: str | Path | Datastore,
+    texts: list[str],
+    tune_texts: list[str] | None = None,
+    k: int = 1024,
+    temperature: float = 16.0,
+    knn_lmbda: float | None = None,
+    block_size: int = 128,
+    stride: int = 64,
+    new_tokens: int = 32,
+) -> dict:
+    """Perplexity on `texts` and decoding latency of the base, the kNN-LM and the Memory Decoder.
+
+    Perplexities follow :func:`memdec_fast.perplexity.perplexity`'s protocol
+    (the base's and the Memory Decoder's come from it).
+
+    Parameters
+    ----------
+    base_dir, memory_dir : path
+        The base and the Memory Decoder (its lmbda and knn_temp come from its
+        memdec_config.json, see :func:`memory_mixing`).
+    datastore : path or Datastore
+        The base's datastore over the memory's training corpus, for the kNN-LM.
+    texts : list[str]
+        Held-out documents (lines).
+    tune_texts : list[str], optional
+        Documents to choose the kNN-LM's lmbda on when `knn_lmbda` is None (else 0.25).
+    k, temperature : kNN-LM search settings.
+    block_size, stride : the perplexity windows.
+    new_tokens : tokens generated per latency run.
+
+    Returns
+    -------
+    dict
+        ``rows``: one dict per method with ``method``, ``ppl``, ``ms_per_token``, ``lmbda``; and the settings.
+
+    Example
+    -------
+    >>> print(format_table(compare("base/", "memory/", "ds/", texts)))  # doctest: +SKIP
+    """
+    from memdec_fast.eval_data import load_tokens
+    from memdec_fast.perplexity import perplexity
+
+    if not texts:
+        raise ValueError("no held-out text to score")
+    base, memory, tok = load_lm(base_dir), load_lm(memory_dir), load_tokenizer(base_dir)
+    mix = memory_mixing(memory_dir)
+    knn = KNNLM(base, datastore, k=k, temperature=temperature, lmbda=0.5)
+    if knn_lmbda is None:
+        knn_lmbda = best_lmbda(*windowed_logprobs(knn.score, load_tokens(as_lines(tune_texts), tok), block_size,
+                                                  stride)) if tune_texts else 0.25
+    knn.lmbda = knn_lmbda
+    tokens = load_tokens(as_lines(texts), tok)
+    lp_base, lp_knn = windowed_logprobs(knn.score, tokens, block_size, stride)
+    ppl = perplexity(str(base_dir), str(memory_dir), as_lines(texts), lmbda=mix["lmbda"], knn_temp=mix["knn_temp"],
+                     block_size=block_size, stride=stride, device="cpu", progress=False)
+    prompt = tokens[None, :16]
+    rows = [
+        {"method": "base", "ppl": ppl.base_ppl, "lmbda": 0.0,
+         "ms_per_token": ms_per_token(_lm_step(base), prompt, new_tokens)},
+        {"method": "kNN-LM", "ppl": mixture_ppl(lp_base, lp_knn, knn_lmbda), "lmbda": knn_lmbda,
+         "ms_per_token": ms_per_token(knn.step, prompt, new_tokens)},
+        {"method": "Memory Decoder", "ppl": ppl.joint_ppl[mix["lmbda"]], "lmbda": mix["lmbda"],
+         "ms_per_token": ms_per_token(_joint_step(base, memory, mix["lmbda"], mix["knn_temp"]), prompt, new_tokens)},
+    ]
+    return {"rows": rows, "tokens_scored": ppl.tokens, "datastore_keys": int(knn.ds.keys.shape[0]),
+            "k": knn.k, "knn_temperature": temperature, "memory_knn_temp": mix["knn_temp"],
+            "block_size": block_size, "stride": stride, "new_tokens": new_tokens,
+            "compiled_ops": ops.compiled_available()}
+
+
+def format_table(result: dict) -> str:
+    """A Markdown table of :func:`compare`'s rows."""
+    lines = ["| method | lmbda | PPL | ms / token |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {r['lmbda']:.2f} | {r['ppl']:.2f} | {r['ms_per_token']:.2f} |"
+              for r in result["rows"]]
+    return "\n".join(lines)
