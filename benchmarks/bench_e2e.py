@@ -1,0 +1,315 @@
+"""End-to-end decode: ms/token and tokens/s of four decode paths, on two model pairs, random weights.
+
+    python benchmarks/bench_e2e.py --out benchmarks/results/e2e_h100.json
+    python benchmarks/bench_e2e.py --tiny --out /tmp/e2e_tiny.json  # tiny models: a smoke run, CPU or GPU
+
+Variants:
+  a_upstream     two eager transformers forwards (each with its KV cache), log_softmax + logaddexp, argmax;
+                 an MLP Memory reads the base's last MLP input through a forward hook
+  b_eager        JointGenerator(cuda_graphs=False)
+  c_graph        JointGenerator(cuda_graphs=True): each decode step one CUDA-graph replay
+  d_base_graph   the same graph step with the base alone (no memory; lmbda 0)
+Pairs: gpt2-xl + gpt2 as Memory Decoder; gpt2-large + an MLP Memory of 54 blocks at width 1280.
+
+Greedy, bf16, a 128-token prompt per row, 256 new tokens. A decode step's time is
+(t(256 tokens) - t(1 token)) / 255, so prefill is excluded from ms/token; e2e tokens/s
+includes it. Each time is the median of --repeats runs after one warm-up run (which
+also captures the graphs). Achieved GB/s = weight bytes read per step x steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import memdec_fast  # noqa: F401  (the installed package, with its compiled extension, when there is one)
+except ImportError:
+    sys.path.insert(0, str(ROOT))
+
+from memdec_fast import JointGenerator, ops
+from memdec_fast.generation.cuda_graph import DecodeGraphs
+from memdec_fast.models import GPT2, GPT2Config, GPT2Runner, MLPMemory
+
+VARIANTS = ("a_upstream", "b_eager", "c_graph", "d_base_graph")
+PAIRS = {  # name: (base config, memory type, memory config)
+    "gpt2-xl+gpt2-decoder": ({"n_embd": 1600, "n_layer": 48, "n_head": 25}, "decoder",
+                             {"n_embd": 768, "n_layer": 12, "n_head": 12}),
+    "gpt2-large+mlp-54x1280": ({"n_embd": 1280, "n_layer": 36, "n_head": 20}, "mlp",
+                               {"n_embd": 1280, "n_layer": 54}),
+}
+TINY_PAIRS = {
+    "tiny+decoder": ({"n_embd": 32, "n_layer": 2, "n_head": 4}, "decoder", {"n_embd": 48, "n_layer": 2, "n_head": 4}),
+    "tiny+mlp": ({"n_embd": 32, "n_layer": 2, "n_head": 4}, "mlp", {"n_embd": 32, "n_layer": 3}),
+}
+VOCAB, TINY_VOCAB = 50257, 1000
+LMBDA = 0.25
+COPY_TB_S = 3.0  # an H100's device-to-device copy, for the bandwidth floor
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def tokenizer(vocab: int):
+    """A word-level tokenizer of `vocab` tokens and no EOS, so that every row runs to the last token."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="t0")))
+
+
+def randomize(module: torch.nn.Module) -> torch.nn.Module:
+    """GPT-2-like random weights: N(0, 0.02) matrices, unit LayerNorm scales, zero biases."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return module
+
+
+def weight_bytes(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run: Callable[[int], object], new_tokens: int, repeats: int, device: torch.device) -> dict:
+    """Median wall times of run(new_tokens) and run(1), after one warm-up of each; peak memory of all."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = {}
+    for n in (new_tokens, 1):
+        run(n)
+        samples = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            run(n)
+            sync(device)
+            samples.append(time.perf_counter() - start)
+        times[n] = statistics.median(samples)
+    out = {"s_full": times[new_tokens], "s_prefill_and_first": times[1]}
+    if device.type == "cuda":
+        out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
+def summarize(t: dict, batch: int, new_tokens: int, nbytes: int) -> dict:
+    """Per-step figures; None where noise made the decode time non-positive (tiny runs on a busy CPU)."""
+    step_s = (t["s_full"] - t["s_prefill_and_first"]) / max(new_tokens - 1, 1)
+    ok = step_s > 0
+    return dict(t, ms_per_token=step_s * 1e3 if ok else None, decode_tokens_per_s=batch / step_s if ok else None,
+                e2e_tokens_per_s=batch * new_tokens / t["s_full"], weight_bytes=nbytes,
+                achieved_gb_per_s=nbytes / step_s / 1e9 if ok else None)
+
+
+def build_ours(base_cfg: GPT2Config, mem_type: str, mem_cfg: GPT2Config, device, dtype):
+    with torch.device(device):
+        base = randomize(GPT2(base_cfg)).to(dtype).eval().requires_grad_(False)
+        mem = MLPMemory(mem_cfg) if mem_type == "mlp" else GPT2(mem_cfg)
+        mem = randomize(mem).to(dtype).eval().requires_grad_(False)
+    return base, mem
+
+
+def upstream_runner(base_cfg: dict, mem_type: str, mem_cfg: dict, vocab: int, device, dtype):
+    """Variant a: transformers models and the upstream loop, as run(ids, new_tokens); also their weight bytes."""
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    with torch.device(device):
+        ids = {"bos_token_id": None, "eos_token_id": None}
+        base = randomize(GPT2LMHeadModel(HFConfig(vocab_size=vocab, **ids, **base_cfg))).to(dtype).eval()
+        if mem_type == "mlp":
+            mem = randomize(MLPMemory(GPT2Config(vocab_size=vocab, **mem_cfg))).to(dtype).eval()
+        else:
+            mem = randomize(GPT2LMHeadModel(HFConfig(vocab_size=vocab, **ids, **mem_cfg))).to(dtype).eval()
+    seen: list[torch.Tensor] = []
+    if mem_type == "mlp":
+        base.transformer.h[-1].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    log_l, log_1ml = math.log(LMBDA), math.log(1 - LMBDA)
+
+    @torch.no_grad()
+    def run(ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        x, past_b, past_m, out = ids, None, None, []
+        for _ in range(new_tokens):
+            seen.clear()
+            ob = base(x, past_key_values=past_b, use_cache=True)
+            past_b = ob.past_key_values
+            if mem_type == "mlp":
+                mem_logits = mem(seen[0][:, -1])
+            else:
+                om = mem(x, past_key_values=past_m, use_cache=True)
+                past_m, mem_logits = om.past_key_values, om.logits[:, -1]
+            logp = torch.logaddexp(torch.log_softmax(ob.logits[:, -1].float(), -1) + log_1ml,
+                                   torch.log_softmax(mem_logits.float(), -1) + log_l)
+            x = logp.argmax(-1, keepdim=True)
+            out.append(x)
+        return torch.cat(out, 1)
+
+    return run, weight_bytes(base, mem), (base, mem)
+
+
+def base_alone_runner(base: GPT2, vocab: int, context: int) -> Callable[[torch.Tensor, int], None]:
+    """Variant d: the graph step of the base alone, driven like JointGenerator's loop (one sync per token)."""
+    runner = GPT2Runner(base)
+    graphs = DecodeGraphs(runner, None, vocab, context, None)
+
+    def prefill(ids: torch.Tensor, mask: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = runner.prefill(ids, mask, slots)[0][:, :vocab]
+        return logits, logits
+
+    def run(ids: torch.Tensor, new_tokens: int) -> None:
+        session = graphs.session(ids.shape[0], ids.shape[1] + new_tokens - 1, {"temperature": 0.0}, None, prefill)
+        tokens, _ = session.start(ids, torch.ones_like(ids, dtype=torch.bool))
+        tokens.tolist()
+        for _ in range(new_tokens - 1):
+            tokens, _ = session.step()
+            tokens.tolist()
+
+    return run
+
+
+def bench_pair(name: str, spec: tuple, args, device: torch.device, dtype: torch.dtype, vocab: int) -> dict:
+    base_cfg, mem_type, mem_cfg = spec
+    context = args.prompt_tokens + args.new_tokens
+    g = torch.Generator().manual_seed(0)
+    prompts = {b: torch.randint(0, vocab, (b, args.prompt_tokens), generator=g).to(device) for b in args.batches}
+    result: dict = {"base": base_cfg, "memory_type": mem_type, "memory": mem_cfg, "variants": {}}
+    variants = result["variants"]
+
+    def measure(variant: str, run: Callable[[torch.Tensor, int], object], nbytes: int) -> None:
+        variants[variant] = {}
+        for b in args.batches:
+            t = timed(lambda n, b=b: run(prompts[b], n), args.new_tokens, args.repeats, device)
+            variants[variant][str(b)] = summarize(t, b, args.new_tokens, nbytes)
+            r = {k: math.nan if v is None else v for k, v in variants[variant][str(b)].items()}
+            print(f"{name:24s} {variant:13s} B={b:3d} {r['ms_per_token']:8.3f} ms/token "
+                  f"{r['decode_tokens_per_s']:10.1f} tok/s {r['achieved_gb_per_s']:8.1f} GB/s", flush=True)
+
+    if "a_upstream" in args.variants:
+        run, nbytes, models = upstream_runner(base_cfg, mem_type, mem_cfg, vocab, device, dtype)
+        measure("a_upstream", run, nbytes)
+        del run, models
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    n_pos = {"n_positions": max(1024, context)}
+    base, mem = build_ours(GPT2Config(vocab_size=vocab, **n_pos, **base_cfg), mem_type,
+                           GPT2Config(vocab_size=vocab, **n_pos, **mem_cfg), device, dtype)
+    result["weight_bytes"] = {"base": weight_bytes(base), "memory": weight_bytes(mem)}
+    both = weight_bytes(base, mem)
+    tok = tokenizer(vocab)
+    for variant, graphs in (("b_eager", False), ("c_graph", True)):
+        if variant not in args.variants:
+            continue
+        if graphs and device.type != "cuda":
+            variants[variant] = {"skipped": "CUDA graphs need a CUDA device"}
+            continue
+        gen = JointGenerator(base, mem, tok, lmbda=LMBDA, cuda_graphs=graphs)
+        measure(variant, lambda ids, n, gen=gen: gen.generate(ids, max_new_tokens=n), both)
+    if "d_base_graph" in args.variants:
+        if device.type != "cuda":
+            variants["d_base_graph"] = {"skipped": "CUDA graphs need a CUDA device"}
+        else:
+            measure("d_base_graph", base_alone_runner(base, vocab, n_pos["n_positions"]), weight_bytes(base))
+    return result
+
+
+def targets(pair: dict) -> dict:
+    """Issue 4's batch-1 targets for the gpt2-xl pair: speed-up, cost of the memory, share of the floor."""
+    v = pair["variants"]
+
+    def ms(variant: str) -> float | None:
+        return v.get(variant, {}).get("1", {}).get("ms_per_token")
+
+    floor_ms = (pair["weight_bytes"]["base"] + pair["weight_bytes"]["memory"]) / (COPY_TB_S * 1e12) * 1e3
+    out: dict = {"floor_ms_at_3_tb_s": floor_ms}
+    graph, upstream, alone = ms("c_graph"), ms("a_upstream"), ms("d_base_graph")
+    if graph:
+        out |= {"graph_ms_per_token": graph, "floor_fraction": floor_ms / graph, "meets_1_6_ms": graph <= 1.6}
+        if upstream:
+            out |= {"speedup_vs_upstream": upstream / graph, "meets_15x": upstream / graph >= 15}
+        if alone:
+            out |= {"ratio_to_base_alone": graph / alone, "meets_1_15x": graph / alone <= 1.15}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/e2e_<device>.json)")
+    p.add_argument("--tiny", action="store_true", help="tiny models and sizes: a smoke run that also works on a CPU")
+    p.add_argument("--batches", type=int, nargs="+")
+    p.add_argument("--prompt-tokens", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--pairs", nargs="+", help="pair names (default: all)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.tiny:
+        p.exit(2, "bench_e2e: no CUDA device. This benchmark measures GPU decode; "
+                  "run it on a GPU machine, or pass --tiny for a CPU smoke run.\n")
+    if device.type == "cuda" and not ops.compiled_available():
+        p.exit(2, "bench_e2e: the compiled extension memdec_fast._C is missing, so the graph variants would run "
+                  "eagerly; build it (pip install .) first.\n")
+    pairs = TINY_PAIRS if args.tiny else PAIRS
+    args.batches = args.batches or ([1, 2] if args.tiny else [1, 8, 32, 64])
+    args.prompt_tokens = args.prompt_tokens or (8 if args.tiny else 128)
+    args.new_tokens = args.new_tokens or (4 if args.tiny else 256)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vocab = TINY_VOCAB if args.tiny else VOCAB
+    names = args.pairs or list(pairs)
+    unknown = sorted(set(names) - set(pairs))
+    if unknown:
+        p.error(f"unknown pairs {unknown}; expected some of {list(pairs)}")
+    torch.manual_seed(0)
+    report = {
+        "benchmark": "bench_e2e",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "compiled_extension": ops.compiled_available(),
+        "tiny": args.tiny, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "batches": args.batches, "repeats": args.repeats, "lmbda": LMBDA, "greedy": True,
+        "pairs": {n: bench_pair(n, pairs[n], args, device, dtype, vocab) for n in names},
+    }
+    first = report["pairs"].get("gpt2-xl+gpt2-decoder")
+    if first is not None:
+        report["targets"] = targets(first)
+    default = ROOT / "benchmarks" / "results" / f"e2e_{device.type}{'_tiny' if args.tiny else ''}.json"
+    out = args.out or default
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
