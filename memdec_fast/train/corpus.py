@@ -8,9 +8,10 @@ Two corpora are generated from a seed:
   in invented towns, with jobs, pets and colours, each fact stated in several
   templates. The base sees none of it; the memory learns it.
 
-Held-out domain text (:func:`domain_heldout`) states the same facts in templates
-and fact orders the training corpus never uses: the kNN-LM / Memory Decoder
-premise is that the datastore holds the domain, not the exact test sentences.
+Held-out domain text (:func:`domain_heldout`) states the same facts in new
+documents: new fact orders, and partly phrasings the training corpus never uses.
+The kNN-LM / Memory Decoder premise is that the datastore holds the domain's
+knowledge; the test documents themselves are new.
 """
 
 from __future__ import annotations
@@ -216,9 +217,13 @@ def domain_corpus(world: list[Person], docs_per_person: int = 12, seed: int = 2)
 
 
 def domain_heldout(world: list[Person], seed: int = 3) -> list[str]:
-    """One document per person, in held-out templates: text the memory never trained on."""
+    """One new document per person: its facts in a fresh order, each in any phrasing, held-out ones included.
+
+    About a third of the sentences use phrasings the domain corpus never uses.
+    """
     rng = random.Random(seed)
-    return [_paragraph(rng, p.name, p.facts, _HELDOUT_TEMPLATES) for p in world]
+    templates = {rel: _TEMPLATES[rel] + _HELDOUT_TEMPLATES[rel] for rel in _TEMPLATES}
+    return [_paragraph(rng, p.name, p.facts, templates) for p in world]
 
 
 def demo_prompts(world: list[Person], n: int = 6, seed: int = 4) -> list[dict[str, str]]:

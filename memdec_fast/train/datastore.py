@@ -137,9 +137,8 @@ def build_datastore(
 ) -> Datastore:
     """Run the base over a corpus and write keys and values to memory-mapped files.
 
-    Resumable: when ``out_dir`` holds a partial datastore of the same corpus (same
-    tokens, checked by hash) and block size, the blocks already written are skipped;
-    a complete one is returned as is.
+    Resumable: when ``out_dir`` holds a datastore of the same corpus (same tokens,
+    checked by hash) and block size, the blocks already written are skipped.
 
     Parameters
     ----------
@@ -175,9 +174,8 @@ def build_datastore(
     meta_file = out / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     raw = out / "tokens.bin"
-    complete = bool(meta) and meta["blocks_done"] == meta["n_blocks"] and meta["block_size"] == block_size
-    n_tokens = 0 if complete else tokenize_corpus(corpus, tokenizer, raw)
-    digest = _sha1(raw) if n_tokens else meta.get("corpus_sha1")
+    n_tokens = tokenize_corpus(corpus, tokenizer, raw)
+    digest = _sha1(raw)
     if meta.get("block_size") != block_size or meta.get("corpus_sha1") != digest:
         n_blocks = n_tokens // block_size
         if n_blocks == 0:

@@ -54,7 +54,7 @@ class KNNLM:
             raise ValueError(f"need 0 <= lmbda <= 1, temperature > 0 and k >= 1; got {lmbda}, {temperature}, {k}")
         self.k, self.temperature, self.lmbda = min(k, self.ds.keys.shape[0]), temperature, lmbda
         self.vocab_size = int(self.ds.meta["vocab_size"])
-        self.values = torch.from_numpy(np.asarray(self.ds.values))
+        self.values = torch.from_numpy(np.array(self.ds.values))
         index_file = self.ds.path / "index.faiss"
         if index_file.is_file():
             self.index = load_index(index_file)

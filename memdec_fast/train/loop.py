@@ -104,9 +104,9 @@ def train(
             opt.step()
             sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix({"loss": f"{float(loss):.3f}", **{k: f"{float(v):.3f}" for k, v in logs.items()}})
+            bar.set_postfix({"loss": f"{losses[-1]:.3f}", **{k: f"{float(v):.3f}" for k, v in logs.items()}})
             if step % cfg.save_every == 0:
                 save()
     bar.close()

@@ -156,7 +156,7 @@ def build_knn_targets(
         save_index(index, ds.path / "index.faiss")
         indices = np.load(out / "indices.npy", mmap_mode="r+")
         probs = np.load(out / "probs.npy", mmap_mode="r+")
-        values = torch.from_numpy(np.asarray(ds.values))
+        values = torch.from_numpy(np.array(ds.values))
         starts = range(meta["rows_done"], n, chunk)
         for i, r0 in enumerate(tqdm(starts, desc="knn targets", unit="chunk")):
             rows = np.arange(r0, min(r0 + chunk, n))
