@@ -13,17 +13,14 @@ namespace {
 at::Tensor joint_logprobs_cuda(const at::Tensor& base_logits, const at::Tensor& mem_logits,
                                const c10::optional<at::Tensor>& row_params, double lmbda, double knn_temp,
                                double base_temp) {
-  check_logits(base_logits, mem_logits);
-  const RowParams scalars = scalar_params(lmbda, knn_temp, base_temp, 1.0, 0, 1.0, 0.0);
-  const float* table = row_param_table(row_params, base_logits);
   const c10::cuda::CUDAGuard guard(base_logits.device());
-  const at::Tensor base = unit_stride_rows(base_logits), mem = unit_stride_rows(mem_logits);
-  at::Tensor out = at::empty(base.sizes(), base.options().dtype(at::kFloat));  // [B, V]
-  if (base.size(0) == 0) return out;
+  const OpArgs a = prepare_args(base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp);
+  at::Tensor out = at::empty(a.base.sizes(), a.base.options().dtype(at::kFloat));  // [B, V]
+  if (a.rows() == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  DispatchTwoDtypes(base, mem, [&](auto base_tag, auto mem_tag) {
-    LaunchJointLogprobs(cuda_data<decltype(base_tag)>(base), base.stride(0), cuda_data<decltype(mem_tag)>(mem),
-                        mem.stride(0), base.size(0), base.size(1), table, scalars, out.data_ptr<float>(), stream);
+  DispatchTwoDtypes(a.base, a.mem, [&](auto base_tag, auto mem_tag) {
+    LaunchJointLogprobs(cuda_data<decltype(base_tag)>(a.base), a.base.stride(0), cuda_data<decltype(mem_tag)>(a.mem),
+                        a.mem.stride(0), a.rows(), a.vocab(), a.table, a.scalars, out.data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -32,20 +29,17 @@ at::Tensor joint_logprobs_cuda(const at::Tensor& base_logits, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> target_logprobs_cuda(
     const at::Tensor& base_logits, const at::Tensor& mem_logits, const at::Tensor& targets,
     const c10::optional<at::Tensor>& row_params, double lmbda, double knn_temp, double base_temp) {
-  check_logits(base_logits, mem_logits);
-  check_targets(targets, base_logits);
-  const RowParams scalars = scalar_params(lmbda, knn_temp, base_temp, 1.0, 0, 1.0, 0.0);
-  const float* table = row_param_table(row_params, base_logits);
   const c10::cuda::CUDAGuard guard(base_logits.device());
-  const at::Tensor base = unit_stride_rows(base_logits), mem = unit_stride_rows(mem_logits);
+  const OpArgs a = prepare_args(base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp);
+  check_targets(targets, base_logits);
   const at::Tensor tgt = targets.contiguous();
-  auto opts = base.options().dtype(at::kFloat);
-  at::Tensor joint = at::empty({base.size(0)}, opts), lp_base = at::empty_like(joint), lp_mem = at::empty_like(joint);
-  if (base.size(0) == 0) return {joint, lp_base, lp_mem};
+  at::Tensor joint = at::empty({a.rows()}, a.base.options().dtype(at::kFloat));  // [N]
+  at::Tensor lp_base = at::empty_like(joint), lp_mem = at::empty_like(joint);
+  if (a.rows() == 0) return {joint, lp_base, lp_mem};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  DispatchTwoDtypes(base, mem, [&](auto base_tag, auto mem_tag) {
-    LaunchTargetLogprobs(cuda_data<decltype(base_tag)>(base), base.stride(0), cuda_data<decltype(mem_tag)>(mem),
-                         mem.stride(0), base.size(0), base.size(1), tgt.const_data_ptr<int64_t>(), table, scalars,
+  DispatchTwoDtypes(a.base, a.mem, [&](auto base_tag, auto mem_tag) {
+    LaunchTargetLogprobs(cuda_data<decltype(base_tag)>(a.base), a.base.stride(0), cuda_data<decltype(mem_tag)>(a.mem),
+                         a.mem.stride(0), a.rows(), a.vocab(), tgt.const_data_ptr<int64_t>(), a.table, a.scalars,
                          joint.data_ptr<float>(), lp_base.data_ptr<float>(), lp_mem.data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

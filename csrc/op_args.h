@@ -61,6 +61,25 @@ inline void check_targets(const at::Tensor& targets, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(targets.scalar_type() == at::kLong, "targets: expected int64, got ", targets.scalar_type());
 }
 
+// Everything a kernel needs from an op's arguments, checked.
+struct OpArgs {
+  at::Tensor base, mem;   // [B, V], unit stride along V
+  const float* table;     // [B, kNumRowParams] or nullptr
+  RowParams scalars;
+  int64_t rows() const { return base.size(0); }
+  int64_t vocab() const { return base.size(1); }
+};
+
+inline OpArgs prepare_args(const at::Tensor& base_logits, const at::Tensor& mem_logits,
+                           const c10::optional<at::Tensor>& row_params, double lmbda, double knn_temp,
+                           double base_temp, double temperature = 1.0, int64_t top_k = 0, double top_p = 1.0,
+                           double min_p = 0.0) {
+  check_logits(base_logits, mem_logits);
+  const RowParams scalars = scalar_params(lmbda, knn_temp, base_temp, temperature, top_k, top_p, min_p);
+  const float* table = row_param_table(row_params, base_logits);
+  return OpArgs{unit_stride_rows(base_logits), unit_stride_rows(mem_logits), table, scalars};
+}
+
 // Calls fn(TB{}, TM{}) with the element types of the two logit tensors, which
 // may differ (float, at::Half or at::BFloat16 each).
 template <typename Fn>

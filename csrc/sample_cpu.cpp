@@ -118,25 +118,23 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base_logits, con
                                               double knn_temp, double base_temp, double temperature, int64_t top_k,
                                               double top_p, double min_p,
                                               const c10::optional<at::Generator>& generator) {
-  check_logits(base_logits, mem_logits);
-  const RowParams scalars = scalar_params(lmbda, knn_temp, base_temp, temperature, top_k, top_p, min_p);
-  const float* table = row_param_table(row_params, base_logits);
-  const at::Tensor base = unit_stride_rows(base_logits), mem = unit_stride_rows(mem_logits);
-  const int64_t rows = base.size(0), vocab = base.size(1);
-  at::Tensor tokens = at::empty({rows}, base.options().dtype(at::kLong));    // [B]
-  at::Tensor logprobs = at::empty({rows}, base.options().dtype(at::kFloat));  // [B]
+  const OpArgs a = prepare_args(base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp, temperature, top_k,
+                                top_p, min_p);
+  const int64_t rows = a.rows(), vocab = a.vocab();
+  at::Tensor tokens = at::empty({rows}, a.base.options().dtype(at::kLong));    // [B]
+  at::Tensor logprobs = at::empty({rows}, a.base.options().dtype(at::kFloat));  // [B]
   const uint64_t seed = DrawSeed(generator);
-  DispatchTwoDtypes(base, mem, [&](auto base_tag, auto mem_tag) {
+  DispatchTwoDtypes(a.base, a.mem, [&](auto base_tag, auto mem_tag) {
     using TB = decltype(base_tag);
     using TM = decltype(mem_tag);
-    const TB* b0 = base.data_ptr<TB>();
-    const TM* m0 = mem.data_ptr<TM>();
+    const TB* b0 = a.base.data_ptr<TB>();
+    const TM* m0 = a.mem.data_ptr<TM>();
     int64_t* tok = tokens.data_ptr<int64_t>();
     float* lps = logprobs.data_ptr<float>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       RowScratch scratch;
       for (int64_t row = begin; row < end; ++row) {
-        SampleRow(b0 + row * base.stride(0), m0 + row * mem.stride(0), vocab, LoadRowParams(table, row, scalars),
+        SampleRow(b0 + row * a.base.stride(0), m0 + row * a.mem.stride(0), vocab, LoadRowParams(a.table, row, a.scalars),
                   seed, 0, row, scratch, tok + row, lps + row);
       }
     });

@@ -41,20 +41,17 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& base_logits, co
                                                double knn_temp, double base_temp, double temperature, int64_t top_k,
                                                double top_p, double min_p,
                                                const c10::optional<at::Generator>& generator) {
-  check_logits(base_logits, mem_logits);
-  const RowParams scalars = scalar_params(lmbda, knn_temp, base_temp, temperature, top_k, top_p, min_p);
-  const float* table = row_param_table(row_params, base_logits);
   const c10::cuda::CUDAGuard guard(base_logits.device());
-  const at::Tensor base = unit_stride_rows(base_logits), mem = unit_stride_rows(mem_logits);
-  const int64_t rows = base.size(0);
-  at::Tensor tokens = at::empty({rows}, base.options().dtype(at::kLong));    // [B]
-  at::Tensor logprobs = at::empty({rows}, base.options().dtype(at::kFloat));  // [B]
-  if (rows == 0) return {tokens, logprobs};
-  const PhiloxArgs philox = ReservePhilox(generator, base.device());
+  const OpArgs a = prepare_args(base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp, temperature, top_k,
+                                top_p, min_p);
+  at::Tensor tokens = at::empty({a.rows()}, a.base.options().dtype(at::kLong));    // [B]
+  at::Tensor logprobs = at::empty({a.rows()}, a.base.options().dtype(at::kFloat));  // [B]
+  if (a.rows() == 0) return {tokens, logprobs};
+  const PhiloxArgs philox = ReservePhilox(generator, a.base.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  DispatchTwoDtypes(base, mem, [&](auto base_tag, auto mem_tag) {
-    LaunchSample(cuda_data<decltype(base_tag)>(base), base.stride(0), cuda_data<decltype(mem_tag)>(mem),
-                 mem.stride(0), rows, base.size(1), table, scalars, philox, tokens.data_ptr<int64_t>(),
+  DispatchTwoDtypes(a.base, a.mem, [&](auto base_tag, auto mem_tag) {
+    LaunchSample(cuda_data<decltype(base_tag)>(a.base), a.base.stride(0), cuda_data<decltype(mem_tag)>(a.mem),
+                 a.mem.stride(0), a.rows(), a.vocab(), a.table, a.scalars, philox, tokens.data_ptr<int64_t>(),
                  logprobs.data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
