@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 
-import memdec_fast
-
 VOCAB, CONTEXT = 50257, 1024
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,6 +142,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    import memdec_fast  # not in the upstream worker, which must not depend on this package
+
     with tempfile.TemporaryDirectory() as tmp:
         base, memory = make_pair(Path(tmp))
         ours = spawn("ours", 1, base, memory, args.tokens, args.lmbda)

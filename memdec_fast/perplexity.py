@@ -106,10 +106,9 @@ class _Sums:
     def __init__(self, lmbdas: list[float], knn_temp: float, device: torch.device):
         self.lmbdas = lmbdas
         self.knn_temp = knn_temp
-        lm = torch.tensor(lmbdas, dtype=torch.float64, device=device).unsqueeze(1)  # [L, 1]
-        self.lm = lm
-        self.log_w_base = torch.log1p(-lm)  # log(0) = -inf where lmbda == 1
-        self.log_w_mem = torch.log(lm)
+        self.lm = torch.tensor(lmbdas, dtype=torch.float64, device=device).unsqueeze(1)  # [L, 1]
+        self.log_w_base = torch.log1p(-self.lm)  # log(0) = -inf where lmbda == 1
+        self.log_w_mem = torch.log(self.lm)
         self.base = torch.zeros((), dtype=torch.float64, device=device)
         self.mem = torch.zeros((), dtype=torch.float64, device=device)
         self.joint = torch.zeros(len(lmbdas), dtype=torch.float64, device=device)
