@@ -19,6 +19,8 @@ from memdec_fast.cli_bench import run_bench
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 _DTYPES = ("float32", "float16", "bfloat16")
 _OPTIONAL_COMMANDS = ("memdec_fast.train.cli", "memdec_fast.demo")
+_LMBDA_HELP = "weight of the memory (default: the memory's memdec_config.json, else 0.55)"
+_KNN_TEMP_HELP = "memory softmax temperature (default: the memory's memdec_config.json, else 1.0)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,15 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_unit_float, default=1.0)
     g.add_argument("--min-p", type=_unit_float, default=0.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--lmbda", type=_unit_float, default=0.55, help="weight of the memory (default 0.55)")
-    g.add_argument("--knn-temp", type=_positive_float, default=1.0)
+    g.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP)
+    g.add_argument("--knn-temp", type=_positive_float, help=_KNN_TEMP_HELP)
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", parents=[common], help="perplexity of base, memory and mixture on a text file")
     p.add_argument("file", help="UTF-8 text file, tokenized line by line")
-    p.add_argument("--lmbda", type=_unit_float, nargs="+", default=[0.55], help="one or several (a sweep in one pass)")
-    p.add_argument("--knn-temp", type=_positive_float, default=1.0)
+    p.add_argument("--lmbda", type=_unit_float, nargs="+", help="one or several (a sweep in one pass); " + _LMBDA_HELP)
+    p.add_argument("--knn-temp", type=_positive_float, help=_KNN_TEMP_HELP)
     p.add_argument("--block-size", type=_positive_int, help="window length (default: min(1024, model context))")
     p.add_argument("--stride", type=_positive_int, help="window step (default: block size / 2)")
     p.add_argument("--batch-size", type=_positive_int, help="windows per forward (default: 1 on CPU, 8 on CUDA)")
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=_positive_int, nargs="+", default=[128])
     b.add_argument("--new-tokens", type=_positive_int, default=64)
     b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1])
-    b.add_argument("--lmbda", type=_unit_float, default=0.55)
+    b.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP)
     b.add_argument("--repeats", type=_positive_int, default=3)
     b.set_defaults(func=cmd_bench)
 
@@ -131,11 +133,27 @@ def _pair(args: argparse.Namespace) -> tuple[str, str]:
     return base, memory
 
 
-def _load(args: argparse.Namespace, lmbda: float, knn_temp: float = 1.0):
+def _mixture(args: argparse.Namespace) -> tuple[list[float], float]:
+    """(lmbdas, knn_temp): the flags, else the memory directory's memdec_config.json, else 0.55 and 1.0.
+
+    A memory trained by memdec_fast.train (the demo pair included) stores the
+    lmbda and knn_temp it was tuned for in memdec_config.json.
+    """
+    stored = Path(_pair(args)[1]) / "memdec_config.json"
+    saved = json.loads(stored.read_text()) if stored.is_file() else {}
+    lmbda = args.lmbda if args.lmbda is not None else saved.get("lmbda", 0.55)
+    knn_temp = getattr(args, "knn_temp", None)
+    return (lmbda if isinstance(lmbda, list) else [float(lmbda)]), float(
+        knn_temp if knn_temp is not None else saved.get("knn_temp", 1.0)
+    )
+
+
+def _load(args: argparse.Namespace):
     import torch
 
     from memdec_fast.generator import JointGenerator
 
+    (lmbda, *_), knn_temp = _mixture(args)
     base, memory = _pair(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return JointGenerator.from_pretrained(
@@ -151,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """``memdec-fast generate PROMPT``: the completion, or with --json {"prompt", "text", "token_ids", ...}."""
     if args.stream and args.json:
         raise UsageError("--stream and --json cannot be combined")
-    gen = _load(args, args.lmbda, args.knn_temp)
+    gen = _load(args)
     kw = {
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
         "seed": args.seed,
@@ -176,11 +194,12 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")
-    gen = _load(args, args.lmbda[0], args.knn_temp)
+    lmbdas, knn_temp = _mixture(args)
+    gen = _load(args)
     block = args.block_size or min(1024, gen.max_context)
     stride = args.stride or max(1, block // 2)
     res = perplexity(
-        gen, None, Path(args.file), lmbda=args.lmbda, knn_temp=args.knn_temp, block_size=block, stride=stride,
+        gen, None, Path(args.file), lmbda=lmbdas, knn_temp=knn_temp, block_size=block, stride=stride,
         batch_size=args.batch_size,
     )
     lines = [f"tokens scored  {res.tokens}", f"base PPL       {res.base_ppl:.4f}", f"memory PPL     {res.memory_ppl:.4f}"]
@@ -191,7 +210,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``memdec-fast bench``: prefill and per-token decode latency over prompt lengths and batch sizes."""
-    gen = _load(args, args.lmbda)
+    gen = _load(args)
     rows = run_bench(gen, args.prompt_tokens, args.batch_sizes, args.new_tokens, args.repeats)
     head = f"{'batch':>5} {'prompt':>6} {'new':>4} {'TTFT ms':>9} {'ms/token':>9} {'tokens/s':>9}"
     body = [

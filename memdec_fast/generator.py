@@ -212,16 +212,19 @@ class JointGenerator:
             fn()
 
     @torch.inference_mode()
-    def score_logits(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_logits(self, input_ids: torch.Tensor, last: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Both models' logits for full, unpadded windows: one forward each, no cache.
 
         Parameters
         ----------
         input_ids : LongTensor [B, T], T <= max_context
+        last : int, optional
+            Only the logits of the last `last` positions (T' = last), e.g. the
+            scored tail of a perplexity window; default all T.
 
         Returns
         -------
-        (base_logits, mem_logits) : Tensors [B, T, V], V = len(tokenizer)
+        (base_logits, mem_logits) : Tensors [B, T', V], V = len(tokenizer)
             Possibly strided views (padded vocabulary rows dropped).
 
         Example
@@ -230,8 +233,10 @@ class JointGenerator:
         """
         if input_ids.dim() != 2 or input_ids.shape[1] > self._context or input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected [B, T] with 1 <= T <= {self._context}, got {list(input_ids.shape)}")
+        if last is not None and not 1 <= last <= input_ids.shape[1]:
+            raise ValueError(f"last: {last} must lie in [1, {input_ids.shape[1]}]")
         ids = input_ids.to(self.device)
-        return self._both("forward", ids)
+        return self._both("forward", ids, last)
 
     # -- generation ---------------------------------------------------------------------------
 

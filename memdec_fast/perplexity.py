@@ -260,11 +260,13 @@ def perplexity(
     with tqdm(total=tokens.numel() - 1, unit="tok", unit_scale=True, desc="perplexity", disable=not progress) as bar:
         for group in _batches(spans, batch_size):
             ids = torch.stack([tokens[s.begin : s.end] for s in group]).to(dev)  # [B, T]
-            base_logits, mem_logits = gen.score_logits(ids)  # [B, T, V] each
+            # logits at window position j predict the token at j + 1; only the scored tail is computed
+            skip = min(s.first - s.begin for s in group) - 1
+            base_logits, mem_logits = gen.score_logits(ids, last=ids.shape[1] - skip)  # [B, T - skip, V] each
             for row, s in enumerate(group):
-                # logits at window position j predict the token at j + 1
                 lo, hi = s.first - s.begin, s.end - s.begin
-                sums.add(base_logits[row, lo - 1 : hi - 1], mem_logits[row, lo - 1 : hi - 1], ids[row, lo:hi])
+                sums.add(base_logits[row, lo - 1 - skip : hi - 1 - skip], mem_logits[row, lo - 1 - skip : hi - 1 - skip],
+                         ids[row, lo:hi])
                 bar.update(hi - lo)
             del base_logits, mem_logits  # free before the next forward allocates its own
     return sums.result()

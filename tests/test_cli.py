@@ -145,8 +145,10 @@ def test_default_pair_missing_is_a_clear_error(monkeypatch, text_file, tmp_path,
 def test_as_a_process(ckpts, tmp_path):
     env = os.environ | {"PYTHONPATH": str(Path(memdec_fast.__file__).parents[1])}
     cmd = [sys.executable, "-m", "memdec_fast.cli"]
-    ok = subprocess.run([*cmd, "info", "--json"], capture_output=True, text=True, env=env, timeout=120, check=False)
+    # cwd: `python -m` puts it first on sys.path, and it must not shadow the package under test
+    run = {"capture_output": True, "text": True, "env": env, "timeout": 120, "check": False, "cwd": tmp_path}
+    ok = subprocess.run([*cmd, "info", "--json"], **run)
     assert ok.returncode == 0 and "build" in json.loads(ok.stdout)
     bad = subprocess.run([*cmd, "ppl", str(tmp_path / "missing.txt"), "--base", str(ckpts["base"]), "--memory",
-                          str(ckpts["decoder"])], capture_output=True, text=True, env=env, timeout=120, check=False)
+                          str(ckpts["decoder"])], **run)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,7 +331,7 @@ def test_torch_compile_traces_the_ops():
     assert torch.equal(tokens, ops.sample(base, mem, 0.5, temperature=0.0)[0])
 
 
-def test_extension_missing_falls_back_with_one_warning():
+def test_extension_missing_falls_back_with_one_warning(tmp_path):
     code = (
         "import warnings; warnings.simplefilter('always')\n"
         "import torch, memdec_fast\n"
@@ -339,8 +340,9 @@ def test_extension_missing_falls_back_with_one_warning():
         "print(ops.sample(torch.randn(2, 9), torch.randn(2, 9), 0.5, temperature=0.0)[0].shape)\n"
         "try:\n    ops.require_compiled()\nexcept RuntimeError as e:\n    print('raised', e)\n"
     )
-    env = dict(os.environ, MEMDEC_FAST_DISABLE_EXTENSION="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    package_root = str(Path(ops.__file__).parents[1])  # the memdec_fast under test: a checkout or site-packages
+    env = dict(os.environ, MEMDEC_FAST_DISABLE_EXTENSION="1", PYTHONPATH=package_root)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "torch.Size([2])" in out.stdout
     assert "raised memdec_fast: the compiled extension" in out.stdout
     assert out.stderr.count("could not be loaded") == 1

@@ -222,13 +222,13 @@ print(json.dumps(out))
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
-def test_peak_memory_does_not_grow_with_tokens_times_vocab(ckpts):
+def test_peak_memory_does_not_grow_with_tokens_times_vocab(ckpts, tmp_path):
     n = 40_000
     # the subprocess imports the memdec_fast under test (a checkout or the installed package)
     env = os.environ | {"PYTHONPATH": str(Path(memdec_fast.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_PEAK_SCRIPT), str(ckpts["base"]), str(ckpts["decoder"]), str(n)],
-        capture_output=True, text=True, env=env, timeout=300, check=True,
+        capture_output=True, text=True, env=env, timeout=300, check=True, cwd=tmp_path,  # cwd must not shadow it
     )
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     one_copy = n * m["vocab"] * 4 / 2**20  # MiB of one [tokens, V] float32 tensor

@@ -148,6 +148,7 @@ class GPT2(nn.Module):
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         hidden_layer: int | None = None,
+        tail: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of every input position, and optionally the input of one block's MLP.
 
@@ -162,11 +163,14 @@ class GPT2(nn.Module):
             Cache slots to write; None runs without the cache (S == T).
         hidden_layer : int, optional
             Block whose MLP input (after ln_2) is returned, Python-style index.
+        tail : int, optional
+            Return logits (and hidden) for the last `tail` positions only (T' = tail),
+            so that scoring a window's tail never holds the whole window's logits.
 
         Returns
         -------
-        logits : Tensor [B, T, vocab_size]
-        hidden : Tensor [B, T, n_embd] or None
+        logits : Tensor [B, T', vocab_size]
+        hidden : Tensor [B, T', n_embd] or None
         """
         x = self.wte(idx) + self.wpe(positions)  # [B, T, D]
         hidden = None
@@ -177,6 +181,9 @@ class GPT2(nn.Module):
             if i == last:
                 hidden = h
             x = x + block.mlp(h)
+        if tail is not None:
+            x = x[:, -tail:]
+            hidden = None if hidden is None else hidden[:, -tail:]
         x = self.ln_f(x)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight), hidden

@@ -97,10 +97,10 @@ class GPT2Runner:
         self.valid, self.positions, self.input_pos = state.valid, state.positions, state.input_pos
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor) -> Output:
+    def forward(self, input_ids: torch.Tensor, last: int | None = None) -> Output:
         T = input_ids.shape[1]
         positions = torch.arange(T, device=self.device).expand_as(input_ids)
-        return self.model(input_ids, positions, hidden_layer=self.hidden_layer)
+        return self.model(input_ids, positions, hidden_layer=self.hidden_layer, tail=last)
 
 
 class HFRunner:
@@ -169,8 +169,11 @@ class HFRunner:
         self.mask, self.positions = self.mask[rows], self.positions[rows]
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor) -> Output:
-        return self._run(input_ids=input_ids)
+    def forward(self, input_ids: torch.Tensor, last: int | None = None) -> Output:
+        logits, hidden = self._run(input_ids=input_ids)
+        if last is None:
+            return logits, hidden
+        return logits[:, -last:], None if hidden is None else hidden[:, -last:]
 
 
 def load_causal_lm(
