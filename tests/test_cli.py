@@ -146,9 +146,9 @@ def test_as_a_process(ckpts, tmp_path):
     env = os.environ | {"PYTHONPATH": str(Path(memdec_fast.__file__).parents[1])}
     cmd = [sys.executable, "-m", "memdec_fast.cli"]
     # cwd: `python -m` puts it first on sys.path, and it must not shadow the package under test
-    run = {"capture_output": True, "text": True, "env": env, "timeout": 120, "check": False, "cwd": tmp_path}
-    ok = subprocess.run([*cmd, "info", "--json"], **run)
+    run = {"capture_output": True, "text": True, "env": env, "timeout": 120, "cwd": tmp_path}
+    ok = subprocess.run([*cmd, "info", "--json"], check=False, **run)
     assert ok.returncode == 0 and "build" in json.loads(ok.stdout)
     bad = subprocess.run([*cmd, "ppl", str(tmp_path / "missing.txt"), "--base", str(ckpts["base"]), "--memory",
-                          str(ckpts["decoder"])], **run)
+                          str(ckpts["decoder"])], check=False, **run)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
