@@ -69,7 +69,8 @@ def extension():
         print(f"memdec_fast: building CPU kernels only: {why}")
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", *os.environ.get("MEMDEC_FAST_CXX_FLAGS", "").split()]
+    # -fopenmp: ATen's at::parallel_for is inline and runs serially without it
+    cxx = ["-O3", "-fopenmp", *os.environ.get("MEMDEC_FAST_CXX_FLAGS", "").split()]
     info = {"cpu": True, "cuda": with_cuda, "cuda_archs": [], "cuda_version": None, "torch_built": torch.__version__}
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs = []
@@ -103,6 +104,7 @@ def extension():
         library_dirs=library_dirs,
         define_macros=macros,
         extra_compile_args=args,
+        extra_link_args=["-fopenmp"],
     )
 
 

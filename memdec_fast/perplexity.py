@@ -71,21 +71,22 @@ class Span:
 
 
 def plan_windows(n: int, block_size: int, stride: int) -> list[Span]:
-    """The forwards that score tokens 1..n-1 under the sliding-window protocol.
+    """The forwards that score tokens 1..n-1 under the sliding-window protocol: one per window.
 
-    Windows that start at token 0 are merged into the first span (the models are
-    causal, so the merged forward gives each position the same context).
+    Windows that start at token 0 could share one forward (the models are causal),
+    but each scores only its own `stride` tokens, so that no forward needs logits
+    for more than `stride` positions: peak memory stays at 2 x stride x V floats.
 
     Example
     -------
     >>> plan_windows(2000, 1024, 512)
-    [Span(begin=0, end=1024, first=1), Span(begin=512, end=1536, first=1024), Span(begin=1024, end=2000, first=1536)]
+    [Span(begin=0, end=512, first=1), Span(begin=0, end=1024, first=512), Span(begin=512, end=1536, first=1024), Span(begin=1024, end=2000, first=1536)]
     """
-    head = block_size // stride  # windows 0..head-1 start at token 0
-    spans = [Span(0, min(n, head * stride), 1)]
-    for w in range(head, math.ceil(n / stride)):
-        spans.append(Span((w + 1) * stride - block_size, min((w + 1) * stride, n), w * stride))
-    return spans
+    spans = (
+        Span(max(0, (w + 1) * stride - block_size), min((w + 1) * stride, n), max(1, w * stride))
+        for w in range(math.ceil(n / stride))
+    )
+    return [s for s in spans if s.first < s.end]  # with stride 1, window 0 scores nothing
 
 
 def _batches(spans: list[Span], batch_size: int) -> Iterator[list[Span]]:
