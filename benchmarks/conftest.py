@@ -7,10 +7,15 @@ Each JSON names the device, the torch version, the date and the git commit.
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 
 import pytest
 import torch
+
+# Inductor's background compile workers would otherwise still be busy when the
+# next case is timed; compile in-process instead.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
