@@ -106,7 +106,8 @@ def train(
             step += 1
             losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix({"loss": f"{losses[-1]:.3f}", **{k: f"{float(v):.3f}" for k, v in logs.items()}})
+            shown = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in logs.items()}
+            bar.set_postfix({"loss": f"{losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in shown.items()}})
             if step % cfg.save_every == 0:
                 save()
     bar.close()
