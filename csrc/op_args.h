@@ -20,7 +20,7 @@ inline void check_logits(const at::Tensor& base, const at::Tensor& mem) {
   TORCH_CHECK_VALUE(mem.device() == base.device(), "mem_logits: on ", mem.device(), ", but base_logits is on ",
                     base.device());
   TORCH_CHECK_VALUE(base.size(1) >= 2, "base_logits: the vocabulary must have at least 2 entries");
-  TORCH_CHECK_VALUE(base.size(1) < (int64_t{1} << 31), "base_logits: vocabulary too large");
+  TORCH_CHECK_VALUE(base.size(1) <= (int64_t{1} << 30), "base_logits: the vocabulary exceeds 2**30 entries");
   for (const auto* t : {&base, &mem}) {
     const auto dt = t->scalar_type();
     TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, (t == &base ? "base" : "mem"),

@@ -65,7 +65,7 @@ void SampleRow(const TB* b, const TM* m, int64_t vocab, const RowParams& p, uint
     if (lp[i] > lp[best]) best = i;
   }
   const float max_logp = lp[best];
-  if (p.temperature == 0.0f) {
+  if (IsGreedy(p)) {
     *token = best;
     *logprob = max_logp;
     return;

@@ -18,6 +18,7 @@ namespace {
 PhiloxArgs ReservePhilox(const c10::optional<at::Generator>& generator, const at::Device& device) {
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
       generator, at::cuda::detail::getDefaultCUDAGenerator(device.index()));
+  TORCH_CHECK_VALUE(gen->device() == device, "generator: on ", gen->device(), ", but the logits are on ", device);
   at::PhiloxCudaState state;
   {
     std::lock_guard<std::mutex> lock(gen->mutex_);

@@ -130,6 +130,15 @@ def test_greedy_takes_first_index_on_ties(device):
     assert tokens.tolist() == [5, 5]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_subnormal_temperature_is_greedy(device):
+    # 1 / 1e-40 overflows float32: such rows must fall back to greedy, not break
+    base, mem = sample_inputs(16, 500, device)
+    tokens, _ = ops.sample(base, mem, 0.3, temperature=1e-40, top_p=0.9,
+                           generator=torch.Generator(device=device).manual_seed(0))
+    assert torch.equal(tokens, ops.sample(base, mem, 0.3, temperature=0.0)[0])
+
+
 # ---------------------------------------------------------------- sampling statistics
 
 

@@ -7,7 +7,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "common/host_device.h"
 
@@ -31,8 +30,8 @@ MDF_HD RowParams LoadRowParams(const float* table, int64_t row, const RowParams&
                    t[kTopP], t[kMinP]};
 }
 
-MDF_HD float NegInf() { return -std::numeric_limits<float>::infinity(); }
-MDF_HD float QuietNaN() { return std::numeric_limits<float>::quiet_NaN(); }
+MDF_HD float NegInf() { return -INFINITY; }  // macros, not numeric_limits: usable in device code as is
+MDF_HD float QuietNaN() { return NAN; }
 
 MDF_HD float LogAddExp(float a, float b) {
   const float hi = a > b ? a : b, lo = a > b ? b : a;
@@ -125,6 +124,10 @@ MDF_HD float KeyToFloat(uint32_t key) {
   v.u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
   return v.f;
 }
+
+// Greedy rows: temperature 0, and any temperature too small (or invalid) for
+// 1 / temperature to be finite, where sampling would be greedy anyway.
+MDF_HD bool IsGreedy(const RowParams& p) { return !(p.temperature > 0.0f) || !IsFinite(1.0f / p.temperature); }
 
 // Sampling weight exp((log p_i - max log p) / temperature) of a kept token.
 MDF_HD float TokenWeight(float logp, float max_logp, float inv_temperature) {

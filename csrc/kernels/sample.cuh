@@ -30,14 +30,27 @@ struct PhiloxArgs {
   bool captured;
 };
 
-__device__ __forceinline__ void UnpackPhilox(const PhiloxArgs& a, uint64_t* seed, uint64_t* offset) {
+// The counter block of this call. torch reserves offsets in units of 32-bit
+// numbers (4 per Philox block) and its own kernels, like curand_init, count
+// blocks as offset / 4: dividing here keeps our rows on the blocks reserved for
+// us rather than on blocks another op may draw from.
+__device__ __forceinline__ void UnpackPhilox(const PhiloxArgs& a, uint64_t* seed, uint64_t* block) {
   *seed = a.captured ? static_cast<uint64_t>(*a.seed_ptr) : a.seed;
-  *offset = a.captured ? static_cast<uint64_t>(*a.offset_ptr) + a.offset_intragraph : a.offset;
+  *block = (a.captured ? static_cast<uint64_t>(*a.offset_ptr) + a.offset_intragraph : a.offset) / 4;
 }
+
+// Top-p bins sum weights in fixed point, so that the order of the shared-memory
+// atomics cannot change a threshold: the same seed gives the same tokens. Weights
+// are <= 1 and V <= 2**30, so sums stay below 2**62.
+constexpr float kWeightScale = 4294967296.0f;  // 2**32
 
 struct ArgMax {
   float value;
   int index;
+};
+
+struct MaxInt {
+  __device__ __forceinline__ int operator()(int a, int b) const { return a > b ? a : b; }
 };
 
 struct MergeArgMax {  // larger value; the first index on ties
@@ -88,19 +101,20 @@ __device__ void WarpFindCrossing(const T* bins, T need, int* digit, T* above) {
 
 // Radix select over keys = OrderedKey(log p) of the candidates (log p >= floor).
 // WEIGHTED=false: the k-th largest value (need = k, bins count tokens).
-// WEIGHTED=true: the value v where the weight strictly above v is < need <= the
-// weight at or above v (bins sum sampling weights).
+// WEIGHTED=true: the value v where the weight strictly above v is < need * total
+// <= the weight at or above v (need = top_p; bins sum sampling weights in fixed
+// point, and total is the first pass's sum of them).
 template <bool WEIGHTED, typename TB, typename TM>
 __device__ float BlockRadixSelect(const RowPtrs<TB, TM>& row, int vocab, const Mixture& mix, float floor,
-                                  float max_logp, float inv_t, float need) {
-  using Bin = typename std::conditional<WEIGHTED, float, int>::type;
+                                  float max_logp, float inv_t, double need) {
+  using Bin = typename std::conditional<WEIGHTED, unsigned long long, int>::type;
   __shared__ Bin bins[256];
   __shared__ uint32_t prefix, mask;
   __shared__ Bin remaining, above;
   __shared__ int digit;
   if (threadIdx.x == 0) {
     prefix = mask = 0;
-    remaining = static_cast<Bin>(need);
+    if constexpr (!WEIGHTED) remaining = static_cast<Bin>(need);
   }
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int j = threadIdx.x; j < 256; j += kThreads) bins[j] = 0;
@@ -111,13 +125,23 @@ __device__ float BlockRadixSelect(const RowPtrs<TB, TM>& row, int vocab, const M
       const uint32_t key = OrderedKey(lp);
       if (lp >= floor && (key & msk) == pre) {
         if constexpr (WEIGHTED) {
-          atomicAdd(&bins[(key >> shift) & 255u], TokenWeight(lp, max_logp, inv_t));
+          const Bin w = static_cast<Bin>(TokenWeight(lp, max_logp, inv_t) * kWeightScale);
+          if (w > 0) atomicAdd(&bins[(key >> shift) & 255u], w);
         } else {
           atomicAdd(&bins[(key >> shift) & 255u], 1);
         }
       }
     }
     __syncthreads();
+    if constexpr (WEIGHTED) {
+      if (shift == 24 && threadIdx.x < 32) {  // the total weight of the candidates, once
+        Bin total = 0;
+        for (int j = threadIdx.x; j < 256; j += 32) total += bins[j];
+        for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+        if (threadIdx.x == 0) remaining = static_cast<Bin>(need * static_cast<double>(total));
+        __syncwarp();
+      }
+    }
     if (threadIdx.x < 32) WarpFindCrossing<Bin>(bins, remaining, &digit, &above);
     __syncthreads();
     const int d = digit;
@@ -140,13 +164,13 @@ __device__ int BlockInverseCdf(const RowPtrs<TB, TM>& row, int vocab, const Mixt
   using Scan = cub::BlockScan<float, kThreads>;
   __shared__ typename Scan::TempStorage tmp;
   __shared__ float running;
-  __shared__ int pick, last;
+  __shared__ int pick;
   if (threadIdx.x == 0) {
     running = 0.0f;
     pick = INT_MAX;
-    last = -1;
   }
   __syncthreads();
+  int last = -1;  // this thread's last token with positive weight
   for (int start = 0; start < vocab; start += kThreads) {
     const int i = start + threadIdx.x;
     float w = 0.0f;
@@ -158,7 +182,7 @@ __device__ int BlockInverseCdf(const RowPtrs<TB, TM>& row, int vocab, const Mixt
     Scan(tmp).InclusiveSum(w, incl, chunk);
     const float before = running;
     if (w > 0.0f) {
-      atomicMax(&last, i);
+      last = i;
       if (before + incl > target) atomicMin(&pick, i);
     }
     __syncthreads();
@@ -167,7 +191,15 @@ __device__ int BlockInverseCdf(const RowPtrs<TB, TM>& row, int vocab, const Mixt
     __syncthreads();
     if (found) break;
   }
-  return pick != INT_MAX ? pick : last;  // `last`: should rounding leave the total short
+  if (pick != INT_MAX) return pick;
+  // Rounding left the total short of target (a uniform branch): the last kept token.
+  using Reduce = cub::BlockReduce<int, kThreads>;
+  __shared__ typename Reduce::TempStorage reduce_tmp;
+  __shared__ int block_last;
+  const int l = Reduce(reduce_tmp).Reduce(last, MaxInt{});
+  if (threadIdx.x == 0) block_last = l;
+  __syncthreads();
+  return block_last;
 }
 
 template <typename TB, typename TM>
@@ -186,7 +218,7 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
 
-  ArgMax best{NegInf(), INT_MAX};
+  ArgMax best{NegInf(), 0};
   for (int i = threadIdx.x; i < vocab; i += kThreads) {
     const float lp = mix.LogProb(row.B(i), row.M(i));
     if (lp > best.value) best = ArgMax{lp, i};
@@ -202,21 +234,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float max_logp = best.value;
   int pick = best.index;
-  if (p.temperature > 0.0f) {
+  if (!IsGreedy(p)) {
     const float inv_t = 1.0f / p.temperature;
     float threshold = NegInf();
     if (p.top_k > 0 && p.top_k < vocab) {
-      threshold = BlockRadixSelect<false>(row, vocab, mix, threshold, max_logp, inv_t, float(p.top_k));
+      threshold = BlockRadixSelect<false>(row, vocab, mix, threshold, max_logp, inv_t, p.top_k);
     }
-    if (p.top_p < 1.0f) {
-      float w = 0.0f;
-      for (int i = threadIdx.x; i < vocab; i += kThreads) {
-        const float lp = mix.LogProb(row.B(i), row.M(i));
-        if (lp >= threshold) w += TokenWeight(lp, max_logp, inv_t);
-      }
-      const float need = p.top_p * BlockSum(w);
-      threshold = BlockRadixSelect<true>(row, vocab, mix, threshold, max_logp, inv_t, need);
-    }
+    if (p.top_p < 1.0f) threshold = BlockRadixSelect<true>(row, vocab, mix, threshold, max_logp, inv_t, p.top_p);
     if (p.min_p > 0.0f) threshold = fmaxf(threshold, max_logp + p.temperature * logf(p.min_p));
     float w = 0.0f;
     for (int i = threadIdx.x; i < vocab; i += kThreads) {
@@ -228,6 +252,7 @@ __global__ void __launch_bounds__(kThreads)
     UnpackPhilox(philox, &seed, &offset);
     const float target = RowUniform(seed, offset, r) * total;
     pick = BlockInverseCdf(row, vocab, mix, threshold, max_logp, inv_t, target);
+    if (pick < 0) pick = best.index;  // no token with positive weight: cannot happen for a valid row
   }
   if (threadIdx.x == 0) {
     tokens[r] = pick;
