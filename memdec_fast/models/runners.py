@@ -71,7 +71,8 @@ class GPT2Runner:
         mask = causal & (attention_mask[:, None, :] | torch.eye(T, dtype=torch.bool, device=self.device))  # [B, T, T]
         mask = torch.nn.functional.pad(mask, (0, length - T))[:, None]  # [B, 1, T, S]
         slots = torch.arange(T, device=self.device)
-        logits, hidden = self.model(input_ids, _positions(attention_mask), mask, slots, self.hidden_layer)
+        # tail=1: only the last position's logits (and MLP input) are needed, so no [B, T, V] tensor is built
+        logits, hidden = self.model(input_ids, _positions(attention_mask), mask, slots, self.hidden_layer, tail=1)
         self.positions.copy_(attention_mask.sum(-1, keepdim=True))  # [B, 1] next position
         self.input_pos.fill_(T)  # [1] next slot
         return logits[:, -1], None if hidden is None else hidden[:, -1]
