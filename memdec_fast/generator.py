@@ -398,7 +398,9 @@ class _EagerSession:
                            generator=self.rng)
 
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sample(*self.gen._both("decode", tokens), **self.params, generator=self.rng)
+        # a finished row still in the batch may have sampled -1 (NaN logits); it must still embed (a live row's -1
+        # never gets here: _steps raises first)
+        return self.sample(*self.gen._both("decode", tokens.clamp_min(0)), **self.params, generator=self.rng)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.gen.base.keep_rows(rows)

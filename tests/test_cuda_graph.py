@@ -8,10 +8,12 @@ and must give the eager path's tokens.
 from __future__ import annotations
 
 import logging
+import math
 import types
 
 import pytest
 import torch
+from test_generator import finished_row_turns_nan
 
 from memdec_fast import JointGenerator, ops
 from memdec_fast.generation import cuda_graph
@@ -190,6 +192,63 @@ def test_static_buffer_sessions_reuse_their_buffers(ckpts):
     assert list(graphs.entries) == [(8, 64)]  # every view of the old pools is gone
 
 
+@compiled
+def test_growing_the_pools_frees_the_old_ones(ckpts):
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4, cuda_graphs=False)
+    graphs = with_static_step(gen, replay=False)
+    gen.generate(PROMPTS, max_new_tokens=4)  # 4 x 64 slots; the runners stay bound to views of the pools
+    old = {pool.untyped_storage().data_ptr() for pool in graphs.pools}
+    graphs.entry(8, 64)
+    caches = [b.attn.kv_cache for r in graphs.runners for b in r.model.h if b.attn.kv_cache is not None]
+    assert not {t.untyped_storage().data_ptr() for c in caches for t in (c.k, c.v)} & old  # nothing keeps them alive
+    want = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4, cuda_graphs=False)
+    assert gen.generate(PROMPTS, max_new_tokens=4).token_ids == want.generate(PROMPTS, max_new_tokens=4).token_ids
+
+
+@compiled
+def test_sessions_do_not_read_an_earlier_requests_nan_from_the_pools(ckpts):
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4, cuda_graphs=False)
+    want = gen.generate(PROMPTS, max_new_tokens=6)
+    graphs = with_static_step(gen, replay=False)
+    gen.generate(PROMPTS, max_new_tokens=6)
+    with torch.inference_mode():
+        for pool in graphs.pools:
+            pool.fill_(math.nan)  # what an earlier request's NaN rows could leave in the slots beyond the prompt
+    got = gen.generate(PROMPTS, max_new_tokens=6)
+    assert got.token_ids == want.token_ids
+
+
+@compiled
+def test_nan_logits_of_a_finished_row_are_not_fed_back_into_the_static_step(ckpts, monkeypatch):
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4, cuda_graphs=False)
+    stop_id, want = finished_row_turns_nan(gen, PROMPTS, 6, monkeypatch)
+    with_static_step(gen, replay=False)
+    assert gen.generate(PROMPTS, max_new_tokens=6, stop=stop_id).token_ids == want
+
+
+@compiled
+def test_out_of_memory_for_the_caches_decodes_that_request_eagerly(ckpts, monkeypatch, caplog):
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4, cuda_graphs=False)
+    want = gen.generate(PROMPTS, max_new_tokens=6)
+    graphs = with_static_step(gen, replay=False)
+    entry = DecodeGraphs.entry
+
+    def out_of_memory(self: DecodeGraphs, bucket: int, slots: int):
+        entry(self, bucket, slots)  # the pools are allocated; say the last small buffer did not fit
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(DecodeGraphs, "entry", out_of_memory)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        got = gen.generate(PROMPTS, max_new_tokens=6)
+    assert got.token_ids == want.token_ids
+    records = [r for r in caplog.records if r.name == LOGGER]
+    assert len(records) == 1 and "decoding this request eagerly" in records[0].getMessage()
+    assert graphs.pools == [] and graphs.entries == {} and graphs.capacity == 0
+    monkeypatch.undo()
+    assert gen.generate(PROMPTS, max_new_tokens=6).token_ids == want.token_ids  # the next request gets its pools
+    assert graphs.capacity == 4 * 64
+
+
 # -- the graphs themselves (CUDA only) ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -241,6 +300,33 @@ def test_replay_after_changing_per_row_params(cuda_gens):
         got += [gen.generate(PROMPTS, max_new_tokens=10, **r).token_ids for r in requests[1:]]
         assert graphs.entries[4, 64].graph is graph  # one graph, replayed with three parameter tables
         assert got == want
+    finally:
+        gen._graphs = None
+
+
+@cuda
+def test_a_failed_capture_decodes_eagerly_from_then_on(cuda_gens, monkeypatch, caplog):
+    gen = cuda_gens["decoder"]
+    gen._graphs = None
+    want = gen.generate(PROMPTS, max_new_tokens=8, temperature=0.9, seed=5)
+    sample_rows = ops.sample_rows
+
+    def sync_under_capture(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            torch.zeros(1, device="cuda").item()  # a sync: not permitted while capturing, so the capture fails
+        return sample_rows(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "sample_rows", sync_under_capture)
+    graphs = with_static_step(gen, replay=True)
+    try:
+        with caplog.at_level(logging.INFO, logger=LOGGER):
+            got = gen.generate(PROMPTS, max_new_tokens=8, temperature=0.9, seed=5)
+            again = gen.generate(PROMPTS, max_new_tokens=8, temperature=0.9, seed=5)
+        records = [r for r in caplog.records if r.name == LOGGER]
+        assert len(records) == 1 and "capture failed" in records[0].getMessage()
+        assert not graphs.replay and all(e.graph is None for e in graphs.entries.values())
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()
+        assert got.token_ids == again.token_ids == want.token_ids
     finally:
         gen._graphs = None
 

@@ -279,6 +279,34 @@ def test_nan_logits_raise(ckpts, tokenizer):
         gen.generate("hi", max_new_tokens=3)
 
 
+def finished_row_turns_nan(gen: JointGenerator, prompts: list[str], steps: int, monkeypatch) -> tuple[int, list]:
+    """Make the memory's decode logits NaN in batch row 0, and pick a stop id that ends row 0 at its first token.
+
+    Returns the stop id and the token ids the rows should still get. The other
+    rows stay live, so row 0 stays in the batch and samples -1 at every step.
+    """
+    want = gen.generate(prompts, max_new_tokens=steps).token_ids
+    stop_id = want[0][0]
+    if any(stop_id in ids for ids in want[1:]):
+        pytest.skip("the first token of row 0 also ends another row for these random weights")
+    decode = gen.memory.decode
+
+    def nan_row_0(tokens: torch.Tensor):
+        logits, hidden = decode(tokens)
+        logits = logits.clone()
+        logits[0] = math.nan
+        return logits, hidden
+
+    monkeypatch.setattr(gen.memory, "decode", nan_row_0)
+    return stop_id, [[stop_id]] + want[1:]
+
+
+def test_nan_logits_of_a_finished_row_still_in_the_batch_are_not_fed_back(ckpts, monkeypatch):
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4)
+    stop_id, want = finished_row_turns_nan(gen, PROMPTS[:3], 6, monkeypatch)
+    assert gen.generate(PROMPTS[:3], max_new_tokens=6, stop=stop_id).token_ids == want
+
+
 def test_other_architectures_fall_back_to_transformers(tmp_path, ckpts, tokenizer):
     """A Llama base runs through transformers, with a Memory Decoder or an MLP Memory on its h[-1] MLP input."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -176,7 +176,8 @@ class DecodeGraphs:
     def session(
         self, rows: int, slots: int, params: dict[str, Param], seed: int | None, prefill: Prefill
     ) -> GraphSession | None:
-        """A decode session for `rows` prompts needing `slots` cache slots, or None when the batch is too big."""
+        """A decode session for `rows` prompts needing `slots` cache slots; None (decode eagerly) when the batch is
+        too big or its caches do not fit in GPU memory."""
         bucket = batch_bucket(rows, self.max_batch)
         if bucket is None:
             if not self._too_big_logged:
@@ -184,7 +185,14 @@ class DecodeGraphs:
                             rows, self.max_batch)
                 self._too_big_logged = True
             return None
-        entry = self.entry(bucket, length_bucket(slots, self.context))
+        length = length_bucket(slots, self.context)
+        try:
+            entry = self.entry(bucket, length)
+        except torch.cuda.OutOfMemoryError:
+            self.drop_pools()
+            logger.warning("memdec_fast: no GPU memory for CUDA-graph caches of %d rows x %d slots; decoding this "
+                           "request eagerly", bucket, length)
+            return None
         with torch.inference_mode():
             fill_param_table(entry.table, params, rows)
         if seed is None:
@@ -193,6 +201,15 @@ class DecodeGraphs:
             self.rng.manual_seed(seed)
         return GraphSession(self, entry, rows, prefill)
 
+    def drop_pools(self) -> None:
+        """Free the KV pools and every graph. The runners let go of their views first, or the pools would stay."""
+        for runner in self.runners:
+            runner.unbind()
+        self.entries.clear()
+        if self.replay:
+            self.mempool = torch.cuda.graph_pool_handle()  # the old handle's graphs are gone: never capture into it
+        self.pools, self.capacity = [], 0
+
     @torch.inference_mode()
     def entry(self, bucket: int, slots: int) -> _Entry:
         """The buffers of one graph, allocated on first use; growing the pools drops every graph."""
@@ -200,15 +217,14 @@ class DecodeGraphs:
         if key in self.entries:
             return self.entries[key]
         if bucket * slots > self.capacity:
-            self.entries.clear()
-            self.pools = []  # free the old pools before allocating the new ones
-            self.capacity = bucket * slots
+            self.drop_pools()  # before allocating, so that the old and new pools are never alive at once
             self.pools = [
-                # zeros: masked slots still enter probs @ V, and 0 * NaN would poison it
-                torch.zeros(2 * r.num_layers, self.capacity * r.hidden_size, dtype=r.model.wte.weight.dtype,
+                # empty: each session zeroes the slots its prompt does not fill (see zero_slots)
+                torch.empty(2 * r.num_layers, bucket * slots * r.hidden_size, dtype=r.model.wte.weight.dtype,
                             device=self.device)
                 for r in self.runners
             ]
+            self.capacity = bucket * slots
         states = []
         for runner, pool in zip(self.runners, self.pools):
             heads = runner.model.config.n_head
@@ -229,21 +245,36 @@ class DecodeGraphs:
         self.entries[key] = entry
         return entry
 
+    def zero_slots(self, entry: _Entry, first: int) -> None:
+        """Zero the cache slots from `first` on, in every row of entry's caches: one kernel per model.
+
+        An earlier request may have left NaN or inf there, and masked slots still
+        enter probs @ V, where 0 * NaN = NaN.
+        """
+        for pool, state in zip(self.pools, entry.states):
+            k = state.caches[0][0]  # [bucket, H, S, Dh], a prefix of each pool row
+            pool[:, : k.numel()].view(len(pool), *k.shape)[:, :, :, first:].zero_()
+
     def bind(self, entry: _Entry) -> None:
         for runner, state in zip(self.runners, entry.states):
             runner.bind(state)
 
     def step(self, entry: _Entry) -> None:
         """One decode step from entry.tokens, sampled back into entry.tokens and entry.logprobs."""
+        # a finished row still in the batch may have sampled -1 (NaN logits); it must still embed (a live row's -1
+        # never gets here: the generator raises first)
+        entry.tokens.clamp_min_(0)
         if self.side is not None:
             main = torch.cuda.current_stream(self.device)
             self.side.wait_stream(main)  # fork
-            with torch.cuda.stream(self.side):
-                mem_logits = self.memory.decode(entry.tokens)[0]
-                done = torch.cuda.Event()
+            done = torch.cuda.Event()
+            try:
+                with torch.cuda.stream(self.side):
+                    mem_logits = self.memory.decode(entry.tokens)[0]
+                base_logits = self.base.decode(entry.tokens)[0]
+            finally:  # join, even after an error: a capture must not end with the side stream forked
                 done.record(self.side)
-            base_logits = self.base.decode(entry.tokens)[0]
-            main.wait_event(done)  # join
+                main.wait_event(done)
         elif self.decoder:
             mem_logits = self.memory.decode(entry.tokens)[0]
             base_logits = self.base.decode(entry.tokens)[0]
@@ -258,27 +289,47 @@ class DecodeGraphs:
         entry.logprobs.copy_(logprobs)
 
     def capture(self, entry: _Entry) -> None:
-        """Warm up on the capture streams, undo the warm-up's effects, then capture one step."""
+        """Warm up on the capture streams, undo the warm-up's effects, then capture one step.
+
+        A failure logs one line and turns replay off: this step and every later one run eagerly.
+        """
         main = torch.cuda.current_stream(self.device)
         saved = [(s.valid.clone(), s.positions.clone(), s.input_pos.clone()) for s in entry.states]
         tokens, rng_state = entry.tokens.clone(), self.rng.get_state()
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            # lazy initialisation (cuBLAS workspaces, kernel loading) must not happen under capture; one
-            # step only, as its cache write lands in the slot the next real step overwrites anyway
-            self.step(entry)
-        main.wait_stream(self.stream)
-        for state, (valid, positions, input_pos) in zip(entry.states, saved):
-            state.valid.copy_(valid)
-            state.positions.copy_(positions)
-            state.input_pos.copy_(input_pos)
-        entry.tokens.copy_(tokens)
-        self.rng.set_state(rng_state)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.rng)
-        with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
-            self.step(entry)
+        try:
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                # lazy initialisation (cuBLAS workspaces, kernel loading) must not happen under capture; one
+                # step only, as its cache write lands in the slot the next real step overwrites anyway
+                self.step(entry)
+            main.wait_stream(self.stream)
+            _restore(entry, saved, tokens)
+            self.rng.set_state(rng_state)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.rng)
+            with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
+                self.step(entry)
+        except RuntimeError as err:  # CUDA errors and out-of-memory; an eager step raises again if they persist
+            torch.cuda.set_stream(main)  # torch.cuda.graph leaves its stream current when capture_end raises
+            main.wait_stream(self.stream)
+            _restore(entry, saved, tokens)
+            self.rng = torch.Generator(self.device)  # the old one may be stuck mid-capture
+            self.rng.set_state(rng_state)
+            self.replay = False
+            for e in self.entries.values():
+                e.graph = None
+            logger.warning("memdec_fast: CUDA-graph capture failed, decoding eagerly from now on: %s", err)
+            return
         entry.graph = graph
+
+
+def _restore(entry: _Entry, saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], tokens: torch.Tensor) -> None:
+    """Put back the decode state and tokens saved before a warm-up step."""
+    for state, (valid, positions, input_pos) in zip(entry.states, saved):
+        state.valid.copy_(valid)
+        state.positions.copy_(positions)
+        state.input_pos.copy_(input_pos)
+    entry.tokens.copy_(tokens)
 
 
 class GraphSession:
@@ -298,6 +349,7 @@ class GraphSession:
         # input_ids, attention_mask: [rows, T] -> tokens [rows] int64, logprobs [rows] float32
         e, bucket = self.entry, self.entry.tokens.shape[0]
         self.graphs.bind(e)
+        self.graphs.zero_slots(e, input_ids.shape[1])  # the prefill fills slots [0, T)
         base_logits, mem_logits = self.prefill(pad_rows(input_ids, bucket), pad_rows(attention_mask, bucket), self.slots)
         tokens, logprobs = ops.sample_rows(base_logits, mem_logits, e.table, self.graphs.rng)
         e.tokens.copy_(tokens)
@@ -307,12 +359,13 @@ class GraphSession:
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay one decode step. `tokens` is ignored: the last samples already sit in the static buffer."""
-        if not self.graphs.replay:
-            self.graphs.step(self.entry)
+        e, graphs = self.entry, self.graphs
+        if graphs.replay and e.graph is None:
+            graphs.capture(e)  # on failure replay is off, and the step below runs eagerly
+        if e.graph is None:
+            graphs.step(e)
         else:
-            if self.entry.graph is None:
-                self.graphs.capture(self.entry)
-            self.entry.graph.replay()
+            e.graph.replay()
         return self.entry.tokens[: self.rows], self.entry.logprobs[: self.rows]
 
     @torch.inference_mode()

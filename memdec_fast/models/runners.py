@@ -97,6 +97,13 @@ class GPT2Runner:
             block.attn.kv_cache = KVCache(k, v)  # a fresh module: keep_rows elsewhere cannot swap our tensors
         self.valid, self.positions, self.input_pos = state.valid, state.positions, state.input_pos
 
+    def unbind(self) -> None:
+        """Let go of the cache and decode state, bound or own (so that their memory can be freed); the next
+        prefill allocates new ones."""
+        for block in self.model.h:
+            block.attn.kv_cache = None
+        self.valid = self.positions = self.input_pos = None
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, last: int | None = None) -> Output:
         T = input_ids.shape[1]
