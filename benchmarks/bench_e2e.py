@@ -1,4 +1,4 @@
-"""End-to-end decode: ms/token and tokens/s of four decode paths, on two model pairs, random weights.
+"""End-to-end decode: ms/step and tokens/s of four decode paths, on two model pairs, random weights.
 
     python benchmarks/bench_e2e.py --out benchmarks/results/e2e_h100.json
     python benchmarks/bench_e2e.py --tiny --out /tmp/e2e_tiny.json  # tiny models: a smoke run, CPU or GPU
@@ -11,16 +11,20 @@ Variants:
   d_base_graph   the same graph step with the base alone (no memory; lmbda 0)
 Pairs: gpt2-xl + gpt2 as Memory Decoder; gpt2-large + an MLP Memory of 54 blocks at width 1280.
 
-Greedy, bf16, a 128-token prompt per row, 256 new tokens. A decode step's time is
-(t(256 tokens) - t(1 token)) / 255, so prefill is excluded from ms/token; e2e tokens/s
-includes it. Each time is the median of --repeats runs after one warm-up run (which
-also captures the graphs). Achieved GB/s = weight bytes read per step x steps/s.
+Greedy, bf16, a 128-token prompt per row, 256 new tokens. Each request is timed to its
+first token (prefill included) and to its end; a decode step (one token per row) takes
+the difference / 255, so ms/step excludes prefill and every step runs at the request's
+own cache length. e2e tokens/s includes prefill. Each time is the median of --repeats
+requests after one warm-up request (which also captures the graphs). Achieved GB/s =
+weight bytes read per step x steps/s. Each variant's caches and graphs are freed before
+the next, so peak memory is per variant (and batch).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import platform
@@ -28,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -57,6 +61,9 @@ TINY_PAIRS = {
 VOCAB, TINY_VOCAB = 50257, 1000
 LMBDA = 0.25
 COPY_TB_S = 3.0  # an H100's device-to-device copy, for the bandwidth floor
+
+Steps = Callable[[torch.Tensor, int], Iterator[object]]
+"""run(ids [B, T], new_tokens): yields once after prefill and the first token, then after each decode step."""
 
 
 def git_commit() -> str:
@@ -98,32 +105,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(run: Callable[[int], object], new_tokens: int, repeats: int, device: torch.device) -> dict:
-    """Median wall times of run(new_tokens) and run(1), after one warm-up of each; peak memory of all."""
+def release(device: torch.device, *models: torch.nn.Module) -> None:
+    """Free what the last variant left (caches on our GPT-2s' blocks, graph pools), so that peak memory is per variant."""
+    for model in models:
+        if isinstance(model, GPT2):
+            GPT2Runner(model).unbind()  # the caches hang off the model's blocks, not the runner
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def timed(run: Callable[[int], Iterator[object]], new_tokens: int, repeats: int, device: torch.device) -> dict:
+    """Median wall times of run(new_tokens): to its first token, in all, and per decode step; after one warm-up.
+
+    The decode steps are timed inside the same request, so they run at its cache
+    length (not at that of a shorter baseline request). Also the peak memory of all.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = {}
-    for n in (new_tokens, 1):
-        run(n)
-        samples = []
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            run(n)
-            sync(device)
-            samples.append(time.perf_counter() - start)
-        times[n] = statistics.median(samples)
-    out = {"s_full": times[new_tokens], "s_prefill_and_first": times[1]}
+    full, first, step = [], [], []
+    for i in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        steps = run(new_tokens)
+        next(steps)
+        sync(device)
+        prefilled = time.perf_counter()
+        for _ in steps:
+            pass
+        sync(device)
+        end = time.perf_counter()
+        if i:  # the first request warms up (and captures the graphs)
+            full.append(end - start)
+            first.append(prefilled - start)
+            step += [(end - prefilled) / (new_tokens - 1)] if new_tokens > 1 else []
+    out = {"s_full": statistics.median(full), "s_prefill_and_first": statistics.median(first),
+           "s_per_step": statistics.median(step) if step else None}
     if device.type == "cuda":
         out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return out
 
 
 def summarize(t: dict, batch: int, new_tokens: int, nbytes: int) -> dict:
-    """Per-step figures; None where noise made the decode time non-positive (tiny runs on a busy CPU)."""
-    step_s = (t["s_full"] - t["s_prefill_and_first"]) / max(new_tokens - 1, 1)
-    ok = step_s > 0
-    return dict(t, ms_per_token=step_s * 1e3 if ok else None, decode_tokens_per_s=batch / step_s if ok else None,
+    """Per-step figures (a step is one token per row); None without decode steps (new_tokens 1)."""
+    step_s = t["s_per_step"]
+    ok = step_s is not None and step_s > 0
+    return dict(t, ms_per_step=step_s * 1e3 if ok else None, decode_tokens_per_s=batch / step_s if ok else None,
                 e2e_tokens_per_s=batch * new_tokens / t["s_full"], weight_bytes=nbytes,
                 achieved_gb_per_s=nbytes / step_s / 1e9 if ok else None)
 
@@ -154,8 +182,8 @@ def upstream_runner(base_cfg: dict, mem_type: str, mem_cfg: dict, vocab: int, de
     log_l, log_1ml = math.log(LMBDA), math.log(1 - LMBDA)
 
     @torch.no_grad()
-    def run(ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        x, past_b, past_m, out = ids, None, None, []
+    def run(ids: torch.Tensor, new_tokens: int) -> Iterator[None]:
+        x, past_b, past_m = ids, None, None
         for _ in range(new_tokens):
             seen.clear()
             ob = base(x, past_key_values=past_b, use_cache=True)
@@ -168,13 +196,12 @@ def upstream_runner(base_cfg: dict, mem_type: str, mem_cfg: dict, vocab: int, de
             logp = torch.logaddexp(torch.log_softmax(ob.logits[:, -1].float(), -1) + log_1ml,
                                    torch.log_softmax(mem_logits.float(), -1) + log_l)
             x = logp.argmax(-1, keepdim=True)
-            out.append(x)
-        return torch.cat(out, 1)
+            yield
 
     return run, weight_bytes(base, mem), (base, mem)
 
 
-def base_alone_runner(base: GPT2, vocab: int, context: int) -> Callable[[torch.Tensor, int], None]:
+def base_alone_runner(base: GPT2, vocab: int, context: int) -> Steps:
     """Variant d: the graph step of the base alone, driven like JointGenerator's loop (one sync per token)."""
     runner = GPT2Runner(base)
     graphs = DecodeGraphs(runner, None, vocab, context, None)
@@ -183,13 +210,24 @@ def base_alone_runner(base: GPT2, vocab: int, context: int) -> Callable[[torch.T
         logits = runner.prefill(ids, mask, slots)[0][:, :vocab]
         return logits, logits
 
-    def run(ids: torch.Tensor, new_tokens: int) -> None:
+    def run(ids: torch.Tensor, new_tokens: int) -> Iterator[None]:
         session = graphs.session(ids.shape[0], ids.shape[1] + new_tokens - 1, {"temperature": 0.0}, None, prefill)
         tokens, _ = session.start(ids, torch.ones_like(ids, dtype=torch.bool))
         tokens.tolist()
+        yield
         for _ in range(new_tokens - 1):
             tokens, _ = session.step()
             tokens.tolist()
+            yield
+
+    return run
+
+
+def generator_steps(gen: JointGenerator) -> Steps:
+    """generate()'s own greedy loop (JointGenerator._start), which yields after the first token and each step."""
+    def run(ids: torch.Tensor, new_tokens: int) -> Iterator[None]:
+        return gen._start(ids, new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, stop=None,
+                          lmbda=None, track_text=False)[2]
 
     return run
 
@@ -202,21 +240,20 @@ def bench_pair(name: str, spec: tuple, args, device: torch.device, dtype: torch.
     result: dict = {"base": base_cfg, "memory_type": mem_type, "memory": mem_cfg, "variants": {}}
     variants = result["variants"]
 
-    def measure(variant: str, run: Callable[[torch.Tensor, int], object], nbytes: int) -> None:
+    def measure(variant: str, run: Steps, nbytes: int) -> None:
         variants[variant] = {}
         for b in args.batches:
             t = timed(lambda n, b=b: run(prompts[b], n), args.new_tokens, args.repeats, device)
             variants[variant][str(b)] = summarize(t, b, args.new_tokens, nbytes)
             r = {k: math.nan if v is None else v for k, v in variants[variant][str(b)].items()}
-            print(f"{name:24s} {variant:13s} B={b:3d} {r['ms_per_token']:8.3f} ms/token "
+            print(f"{name:24s} {variant:13s} B={b:3d} {r['ms_per_step']:8.3f} ms/step "
                   f"{r['decode_tokens_per_s']:10.1f} tok/s {r['achieved_gb_per_s']:8.1f} GB/s", flush=True)
 
     if "a_upstream" in args.variants:
         run, nbytes, models = upstream_runner(base_cfg, mem_type, mem_cfg, vocab, device, dtype)
         measure("a_upstream", run, nbytes)
         del run, models
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
 
     n_pos = {"n_positions": max(1024, context)}
     base, mem = build_ours(GPT2Config(vocab_size=vocab, **n_pos, **base_cfg), mem_type,
@@ -230,13 +267,14 @@ def bench_pair(name: str, spec: tuple, args, device: torch.device, dtype: torch.
         if graphs and device.type != "cuda":
             variants[variant] = {"skipped": "CUDA graphs need a CUDA device"}
             continue
-        gen = JointGenerator(base, mem, tok, lmbda=LMBDA, cuda_graphs=graphs)
-        measure(variant, lambda ids, n, gen=gen: gen.generate(ids, max_new_tokens=n), both)
+        measure(variant, generator_steps(JointGenerator(base, mem, tok, lmbda=LMBDA, cuda_graphs=graphs)), both)
+        release(device, base, mem)
     if "d_base_graph" in args.variants:
         if device.type != "cuda":
             variants["d_base_graph"] = {"skipped": "CUDA graphs need a CUDA device"}
         else:
             measure("d_base_graph", base_alone_runner(base, vocab, n_pos["n_positions"]), weight_bytes(base))
+            release(device, base)
     return result
 
 
@@ -245,13 +283,13 @@ def targets(pair: dict) -> dict:
     v = pair["variants"]
 
     def ms(variant: str) -> float | None:
-        return v.get(variant, {}).get("1", {}).get("ms_per_token")
+        return v.get(variant, {}).get("1", {}).get("ms_per_step")  # at batch 1 a step is one token
 
     floor_ms = (pair["weight_bytes"]["base"] + pair["weight_bytes"]["memory"]) / (COPY_TB_S * 1e12) * 1e3
     out: dict = {"floor_ms_at_3_tb_s": floor_ms}
     graph, upstream, alone = ms("c_graph"), ms("a_upstream"), ms("d_base_graph")
     if graph:
-        out |= {"graph_ms_per_token": graph, "floor_fraction": floor_ms / graph, "meets_1_6_ms": graph <= 1.6}
+        out |= {"graph_ms_per_step": graph, "floor_fraction": floor_ms / graph, "meets_1_6_ms": graph <= 1.6}
         if upstream:
             out |= {"speedup_vs_upstream": upstream / graph, "meets_15x": upstream / graph >= 15}
         if alone:
