@@ -36,18 +36,24 @@ struct MergePairStats {
   }
 };
 
-// Sum of a float over the block, returned to every thread.
-__device__ __forceinline__ float BlockSum(float x) {
-  using Reduce = cub::BlockReduce<float, kThreads>;
+// op-reduction of x over the block, returned to every thread. The trailing
+// barrier makes repeated calls (which share the static storage) safe.
+template <typename T, typename Op>
+__device__ T BlockAllReduce(const T& x, Op op) {
+  using Reduce = cub::BlockReduce<T, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
-  __shared__ float total;
-  const float r = Reduce(tmp).Sum(x);
+  __shared__ T total;
+  const T r = Reduce(tmp).Reduce(x, op);
   if (threadIdx.x == 0) total = r;
   __syncthreads();
-  const float out = total;
+  const T out = total;
   __syncthreads();
   return out;
 }
+
+struct AddFloat {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
 
 // The row's mixture constants: one pass over both rows (online softmax), every
 // thread gets the same result.
@@ -59,12 +65,7 @@ __device__ Mixture BlockMixture(const RowPtrs<TB, TM>& row, int vocab, const Row
     s.base = MaxSumAdd(s.base, row.B(i) * inv_b);
     s.mem = MaxSumAdd(s.mem, row.M(i) * inv_m);
   }
-  using Reduce = cub::BlockReduce<PairStats, kThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  __shared__ PairStats total;
-  const PairStats r = Reduce(tmp).Reduce(s, MergePairStats{});
-  if (threadIdx.x == 0) total = r;
-  __syncthreads();
+  const PairStats total = BlockAllReduce(s, MergePairStats{});
   return MakeMixture(p, total.base, total.mem);
 }
 

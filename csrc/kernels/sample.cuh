@@ -193,13 +193,7 @@ __device__ int BlockInverseCdf(const RowPtrs<TB, TM>& row, int vocab, const Mixt
   }
   if (pick != INT_MAX) return pick;
   // Rounding left the total short of target (a uniform branch): the last kept token.
-  using Reduce = cub::BlockReduce<int, kThreads>;
-  __shared__ typename Reduce::TempStorage reduce_tmp;
-  __shared__ int block_last;
-  const int l = Reduce(reduce_tmp).Reduce(last, MaxInt{});
-  if (threadIdx.x == 0) block_last = l;
-  __syncthreads();
-  return block_last;
+  return BlockAllReduce(last, MaxInt{});
 }
 
 template <typename TB, typename TM>
@@ -223,15 +217,7 @@ __global__ void __launch_bounds__(kThreads)
     const float lp = mix.LogProb(row.B(i), row.M(i));
     if (lp > best.value) best = ArgMax{lp, i};
   }
-  {
-    using Reduce = cub::BlockReduce<ArgMax, kThreads>;
-    __shared__ typename Reduce::TempStorage tmp;
-    __shared__ ArgMax total;
-    const ArgMax b = Reduce(tmp).Reduce(best, MergeArgMax{});
-    if (threadIdx.x == 0) total = b;
-    __syncthreads();
-    best = total;
-  }
+  best = BlockAllReduce(best, MergeArgMax{});
   const float max_logp = best.value;
   int pick = best.index;
   if (!IsGreedy(p)) {
@@ -247,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
       const float lp = mix.LogProb(row.B(i), row.M(i));
       if (lp >= threshold) w += TokenWeight(lp, max_logp, inv_t);
     }
-    const float total = BlockSum(w);
+    const float total = BlockAllReduce(w, AddFloat{});
     uint64_t seed, offset;
     UnpackPhilox(philox, &seed, &offset);
     const float target = RowUniform(seed, offset, r) * total;
