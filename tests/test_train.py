@@ -213,7 +213,7 @@ def test_memory_loss_is_kl_plus_ce():
 
 def test_knnlm_matches_brute_force(small_ds):
     knn = KNNLM(BASE, small_ds, k=10, temperature=16.0, lmbda=0.3)
-    ids = torch.from_numpy(np.asarray(small_ds.block(0))).long()
+    ids = torch.tensor(np.asarray(small_ds.block(0)), dtype=torch.long)  # a copy: the memmap is read-only
     lp_base, lp_knn = knn.score(ids)
     from memdec_fast.train.datastore import last_mlp_inputs
 
