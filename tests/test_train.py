@@ -220,7 +220,7 @@ def test_knnlm_matches_brute_force(small_ds):
     with last_mlp_inputs(knn.model) as captured, torch.no_grad():
         logits = knn.model(ids[None]).logits[0, :-1].double()
     queries = captured[0][0, :-1].double()  # [T-1, D]
-    keys = torch.from_numpy(np.asarray(small_ds.keys)).double()
+    keys = torch.tensor(np.asarray(small_ds.keys), dtype=torch.float64)
     d = torch.cdist(queries, keys) ** 2  # [T-1, N]
     top = d.topk(10, largest=False)
     w = torch.softmax(-top.values / 16.0, -1)
