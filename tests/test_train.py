@@ -224,7 +224,7 @@ def test_knnlm_matches_brute_force(small_ds):
     d = torch.cdist(queries, keys) ** 2  # [T-1, N]
     top = d.topk(10, largest=False)
     w = torch.softmax(-top.values / 16.0, -1)
-    tokens = torch.from_numpy(np.asarray(small_ds.values)).long()[top.indices]
+    tokens = torch.tensor(np.asarray(small_ds.values), dtype=torch.long)[top.indices]
     p = torch.zeros(len(queries), knn.vocab_size, dtype=torch.float64).scatter_add_(1, tokens, w)
     ref_knn = p.gather(1, ids[1:, None]).squeeze(1).log()
     ref_base = torch.log_softmax(logits, -1).gather(1, ids[1:, None]).squeeze(1)
