@@ -139,12 +139,13 @@ def _mixture(args: argparse.Namespace) -> tuple[list[float], float]:
     A memory trained by memdec_fast.train (the demo pair included) stores the
     lmbda and knn_temp it was tuned for in memdec_config.json.
     """
-    stored = Path(_pair(args)[1]) / "memdec_config.json"
-    saved = json.loads(stored.read_text()) if stored.is_file() else {}
-    lmbda = args.lmbda if args.lmbda is not None else saved.get("lmbda", 0.55)
+    from memdec_fast.models.checkpoint import read_mixing
+
+    saved = read_mixing(_pair(args)[1])
+    lmbda = args.lmbda if args.lmbda is not None else saved["lmbda"]
     knn_temp = getattr(args, "knn_temp", None)
     return (lmbda if isinstance(lmbda, list) else [float(lmbda)]), float(
-        knn_temp if knn_temp is not None else saved.get("knn_temp", 1.0)
+        knn_temp if knn_temp is not None else saved["knn_temp"]
     )
 
 

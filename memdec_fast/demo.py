@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from memdec_fast.models.checkpoint import read_mixing
+
 __all__ = ["DEMO_DIR", "format_demo", "register", "run_demo"]
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
@@ -41,7 +43,7 @@ def run_demo(max_new_tokens: int = 8, device: str = "cpu") -> dict:
     base, memory = DEMO_DIR / "base", DEMO_DIR / "memory"
     if not (base / "config.json").is_file() or not (memory / "config.json").is_file():
         raise ValueError(f"the embedded demo pair is missing from {DEMO_DIR}; run `memdec-fast train demo-pair`")
-    mix = json.loads((memory / "memdec_config.json").read_text())
+    mix = read_mixing(memory)
     prompts = json.loads((DEMO_DIR / "demo_prompts.json").read_text())
     gen = JointGenerator.from_pretrained(base, memory, lmbda=mix["lmbda"], knn_temp=mix["knn_temp"], device=device)
     texts = [p["prompt"] for p in prompts]

@@ -113,3 +113,21 @@ def take(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], w
         if tuple(state[k].shape) != shape:
             raise ValueError(f"{where}: {k} has shape {list(state[k].shape)}, expected {list(shape)}")
     return {k: state[k] for k in expected}
+
+
+MIXING_FILE = "memdec_config.json"
+DEFAULT_MIXING = {"lmbda": 0.55, "knn_temp": 1.0}
+
+
+def read_mixing(memory_dir: str | os.PathLike) -> dict:
+    """lmbda and knn_temp stored beside a local memory checkpoint, else upstream's defaults.
+
+    memdec_fast.train writes the values it tuned to ``memdec_config.json`` in the
+    memory's directory; a memory without one (or a hub name) gets lmbda 0.55,
+    knn_temp 1.0.
+    """
+    path = os.path.join(os.fspath(memory_dir), MIXING_FILE)
+    if not os.path.isfile(path):
+        return dict(DEFAULT_MIXING)
+    with open(path, encoding="utf-8") as f:
+        return DEFAULT_MIXING | json.load(f)

@@ -7,7 +7,6 @@ median over runs of the mean time per new token.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -16,20 +15,15 @@ from pathlib import Path
 import torch
 
 from memdec_fast import ops
+from memdec_fast.models.checkpoint import read_mixing
 from memdec_fast.train.datastore import Datastore
 from memdec_fast.train.evaluate import as_lines, best_lmbda, mixture_ppl, windowed_logprobs
 from memdec_fast.train.knnlm import KNNLM
 from memdec_fast.train.models import load_lm, load_tokenizer
 
-__all__ = ["compare", "format_table", "memory_mixing", "ms_per_token"]
+__all__ = ["compare", "format_table", "ms_per_token"]
 
 Step = Callable[[torch.Tensor, object], tuple[torch.Tensor, object]]
-
-
-def memory_mixing(memory_dir: str | Path) -> dict:
-    """lmbda and knn_temp stored with a memory (memdec_config.json), or upstream-like defaults."""
-    path = Path(memory_dir) / "memdec_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {"lmbda": 0.55, "knn_temp": 1.0}
 
 
 def _lm_step(model: torch.nn.Module) -> Step:
@@ -88,7 +82,7 @@ def compare(
     ----------
     base_dir, memory_dir : path
         The base and the Memory Decoder (its lmbda and knn_temp come from its
-        memdec_config.json, see :func:`memory_mixing`).
+        memdec_config.json, see :func:`memdec_fast.models.checkpoint.read_mixing`).
     datastore : path or Datastore
         The base's datastore over the memory's training corpus, for the kNN-LM.
     texts : list[str]
@@ -114,7 +108,7 @@ def compare(
     if not texts:
         raise ValueError("no held-out text to score")
     base, memory, tok = load_lm(base_dir), load_lm(memory_dir), load_tokenizer(base_dir)
-    mix = memory_mixing(memory_dir)
+    mix = read_mixing(memory_dir)
     knn = KNNLM(base, datastore, k=k, temperature=temperature, lmbda=0.5)
     if knn_lmbda is None:
         knn_lmbda = best_lmbda(*windowed_logprobs(knn.score, load_tokens(as_lines(tune_texts), tok), block_size,
