@@ -258,7 +258,7 @@ class JointGenerator:
         session = session or _EagerSession(self, params, seed, length)
         tokens, logprobs = session.start(ids, mask)
         for step in range(max_new_tokens):
-            for i, (r, t, lp) in enumerate(zip(live, tokens.tolist(), logprobs.tolist())):
+            for r, t, lp in zip(live, tokens.tolist(), logprobs.tolist()):
                 row = out[r]
                 if row.finish_reason is not None:
                     continue
