@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         if args.worker == "ours":
             from memdec_fast.generator import JointGenerator
-            from memdec_fast.perplexity import perplexity
+            from memdec_fast.ppl import perplexity
 
             gen = JointGenerator.from_pretrained(args.base, args.memory, device="cpu", dtype=torch.float32)
             run = lambda x: perplexity(gen, None, x, lmbda=args.lmbda, batch_size=args.batch_size,

@@ -6,7 +6,8 @@ distributions are mixed::
 
     p = (1 - lmbda) * softmax(base_logits / base_temp) + lmbda * softmax(mem_logits / knn_temp)
 
-Entry points: :class:`JointGenerator` (generation), :func:`perplexity`
+Entry points: :class:`JointGenerator` (generation), :class:`Engine` (serving many
+requests at once), :func:`perplexity`
 (evaluation), :mod:`memdec_fast.ops` (the fused kernels) and
 :mod:`memdec_fast.train` (building a memory for your own corpus).
 """
@@ -20,15 +21,19 @@ from memdec_fast.build import build_info
 
 __version__ = "0.1.0"
 
+# Exported name -> the module that defines it. No exported name may also be a
+# submodule's name: importing a submodule binds it on the package, and would then
+# shadow the lazy attribute of the same name for good (tests/test_package.py checks).
 _LAZY = {
+    "Engine": "memdec_fast.engine",
     "JointGenerator": "memdec_fast.generator",
     "GenerationResult": "memdec_fast.generator",
-    "perplexity": "memdec_fast.perplexity",
-    "PerplexityResult": "memdec_fast.perplexity",
+    "perplexity": "memdec_fast.ppl",
+    "PerplexityResult": "memdec_fast.ppl",
 }
 
 __all__ = [
-    "GenerationResult", "JointGenerator", "PerplexityResult", "__version__", "build_info", "ops", "perplexity",
+    "Engine", "GenerationResult", "JointGenerator", "PerplexityResult", "__version__", "build_info", "ops", "perplexity",
     "reference",
 ]
 
@@ -36,5 +41,7 @@ __all__ = [
 def __getattr__(name: str):
     # Heavy modules (models, transformers) load on first use, not at import.
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'memdec_fast' has no attribute {name!r}")

@@ -191,7 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     """``memdec-fast ppl FILE``: perplexities; with --json, :meth:`PerplexityResult.to_dict`."""
-    from memdec_fast.perplexity import perplexity
+    from memdec_fast.ppl import perplexity
 
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")

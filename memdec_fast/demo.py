@@ -38,7 +38,7 @@ def run_demo(max_new_tokens: int = 8, device: str = "cpu") -> dict:
     True
     """
     from memdec_fast.generator import JointGenerator
-    from memdec_fast.perplexity import perplexity
+    from memdec_fast.ppl import perplexity
 
     base, memory = DEMO_DIR / "base", DEMO_DIR / "memory"
     if not (base / "config.json").is_file() or not (memory / "config.json").is_file():

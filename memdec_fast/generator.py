@@ -11,14 +11,17 @@ top-p / min-p sampling).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from memdec_fast import ops, reference
-from memdec_fast.generation import checks, cuda_graph
+from memdec_fast.generation import checks, cuda_graph, hf_args
+from memdec_fast.generation.penalty import RepetitionPenalty
 from memdec_fast.generation.requests import (
     Prompts,
     check_request,
@@ -45,7 +48,9 @@ class GenerationResult:
     token_ids holds every generated token, including the EOS or stop token that
     ended a row; logprobs holds log p of each under the (unfiltered) mixture;
     texts is their decoding without special tokens, cut before a stop string.
-    finish_reasons: "length", "eos" (EOS or a stop token id) or "stop" (a stop string).
+    finish_reasons: "length", "stop" (a stop string or a stop token id) or "eos" (the
+    tokenizer's EOS token). With num_return_sequences=n, each prompt's n results are
+    consecutive.
     """
 
     texts: list[str]
@@ -79,6 +84,13 @@ class JointGenerator:
     device : torch.device of both models
     max_context : int, the base's context window in tokens
 
+    Notes
+    -----
+    One call owns the models' caches from its start to its end. Calls from several
+    threads take turns (each waits for the one before to finish); a second call in the
+    thread that holds a stream() still open raises RuntimeError at once. To serve
+    many callers at once, use :class:`memdec_fast.Engine`.
+
     Example
     -------
     >>> gen = JointGenerator.from_pretrained("gpt2", "Clover-Hill/MemoryDecoder-gpt2-small", lmbda=0.25)
@@ -111,6 +123,8 @@ class JointGenerator:
         self._context = self.max_context if self.is_mlp else min(self.max_context, self.memory.max_context)
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" and not self.is_mlp else None
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self._turn = threading.Lock()  # held by the one call that owns the caches
+        self._owner: int | None = None  # thread id of that call
         self._graphs = None
         if cuda_graphs:
             self._graphs = cuda_graph.decode_graphs(self.base, self.memory, self.vocab, self._context, self._side,
@@ -122,8 +136,8 @@ class JointGenerator:
         base: str | os.PathLike,
         memory: str | os.PathLike,
         memory_type: str = "auto",
-        lmbda: float = 0.25,
-        knn_temp: float = 1.0,
+        lmbda: float | None = None,
+        knn_temp: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         tokenizer=None,
@@ -141,8 +155,12 @@ class JointGenerator:
         memory_type : "auto", "decoder" or "mlp"
             "auto" picks "mlp" when an mlp_memory_config.json sits beside or above
             the weights, or the weights hold MLP blocks without attention.
-        lmbda, knn_temp, base_temp : float
-            Mixture weight of the memory, and the two softmax temperatures.
+        lmbda, knn_temp : float, optional
+            Mixture weight of the memory and its softmax temperature; by default the
+            values stored with the memory (memdec_config.json, written by
+            memdec_fast.train), else 0.55 and 1.0.
+        base_temp : float
+            Softmax temperature of the base.
         device : default "cuda" when available, else "cpu"
         dtype : float32, float16 or bfloat16; default bfloat16 on CUDA, float32 on the CPU
         tokenizer : default the base's own
@@ -161,12 +179,17 @@ class JointGenerator:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+        lmbda, knn_temp = checkpoint.mixing_defaults(memory, lmbda, knn_temp)
         check_params(1, lmbda=lmbda, knn_temp=knn_temp, base_temp=base_temp)
+        for path in (base, memory):  # fail on missing, mismatched or hostile files before any weights load
+            checkpoint.check_config_against_weights(path)
         tokenizer = tokenizer or checks.load_tokenizer(base)
         checks.check_tokenizers(tokenizer, memory)
-        for path in (base, memory):  # fail on missing files before any weights load
-            checkpoint.load_config(path)
-            checkpoint.weight_files(path)
+        detected = detect_memory_type(memory, by_weights=True)
+        if memory_type != "auto" and detected is not None and detected != memory_type:
+            kinds = {"mlp": "an MLP Memory (MLP blocks, no attention)", "decoder": "a Memory Decoder (a causal LM)"}
+            raise ValueError(f"memory_type: {memory_type!r}, but {os.fspath(memory)} looks like {kinds[detected]}; "
+                             f"pass memory_type={detected!r} or 'auto'")
         if memory_type == "auto":
             memory_type = detect_memory_type(memory)
         base_runner = load_causal_lm(base, device, dtype, lean=not reference)
@@ -236,26 +259,49 @@ class JointGenerator:
         if last is not None and not 1 <= last <= input_ids.shape[1]:
             raise ValueError(f"last: {last} must lie in [1, {input_ids.shape[1]}]")
         ids = input_ids.to(self.device)
-        return self._both("forward", ids, last)
+        with self._exclusive():
+            return self._both("forward", ids, last)
 
     # -- generation ---------------------------------------------------------------------------
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Own the models and their caches for one call: other threads wait; this thread may not nest."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError(
+                "JointGenerator is busy: a stream() of this generator is still open in this thread; exhaust or "
+                "close() it first (one call owns the caches at a time; memdec_fast.Engine serves concurrent requests)"
+            )
+        with self._turn:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
     def _steps(
         self, rows: list[list[int]], max_new_tokens: int, params: dict[str, Param], seed: int | None,
-        stop_ids: set[int], out: list[Row], track_text: bool, stop: list[str],
+        stop_ids: set[int], out: list[Row], track_text: bool, stop: list[str], penalty: float = 1.0,
     ) -> Iterator[None]:
         """The decode loop: fills `out` one token per live row per step, and yields after each step.
 
-        Finished rows are skipped; once half or fewer of the computed rows are
-        live, the finished ones leave the batch (caches shrink).
+        It owns the caches (:meth:`_exclusive`) from its first step until it ends or is closed.
         """
+        with self._exclusive():
+            yield from self._decode(rows, max_new_tokens, params, seed, stop_ids, out, track_text, stop, penalty)
+
+    def _decode(self, rows, max_new_tokens, params, seed, stop_ids, out, track_text, stop, penalty) -> Iterator[None]:
+        """The body of :meth:`_steps`. Finished rows are skipped; once half or fewer of the computed rows
+        are live, the finished ones leave the batch (caches shrink)."""
         ids, mask = left_pad(rows, self._pad_id, self.device)
         length = ids.shape[1] + max_new_tokens - 1  # cache slots: the last token needs no forward
         live = list(range(len(rows)))  # original index of each computed batch row
         session = None
-        if self._graphs is not None:
+        if self._graphs is not None and penalty == 1.0:
             session = self._graphs.session(len(rows), length, params, seed, partial(self._both, "prefill"))
-        session = session or _EagerSession(self, params, seed, length)
+        pen = RepetitionPenalty(rows, self.vocab, penalty, self.device) if penalty != 1.0 else None
+        session = session or _EagerSession(self, params, seed, length, pen)
         tokens, logprobs = session.start(ids, mask)
         for step in range(max_new_tokens):
             for r, t, lp in zip(live, tokens.tolist(), logprobs.tolist()):
@@ -269,7 +315,7 @@ class JointGenerator:
                 if track_text:
                     row.update_text(self.tokenizer, stop)
                 if row.finish_reason is None and t in stop_ids:
-                    row.finish_reason = "eos"
+                    row.finish_reason = "eos" if t == self.tokenizer.eos_token_id else "stop"
                 if row.finish_reason is None and step == max_new_tokens - 1:
                     row.finish_reason = "length"
             yield
@@ -282,8 +328,18 @@ class JointGenerator:
                 live, tokens = [live[i] for i in keep], tokens[idx]
             tokens, logprobs = session.step(tokens)
 
-    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, lmbda, track_text):
+    def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, lmbda, track_text,
+               do_sample=None, max_length=None, repetition_penalty=1.0, num_return_sequences=1):
         rows = encode_prompts(prompts, self.tokenizer, self.vocab)
+        n = hf_args.check_num_return_sequences(num_return_sequences)
+        penalty = hf_args.check_repetition_penalty(repetition_penalty)
+        temperature = hf_args.resolve_temperature(temperature, do_sample)
+        max_new_tokens = hf_args.resolve_length(max_new_tokens, max_length, max(len(r) for r in rows))
+        if n > 1:
+            rows = [r for r in rows for _ in range(n)]
+            temperature, top_k, top_p, min_p, lmbda = (
+                _repeat_rows(v, n) for v in (temperature, top_k, top_p, min_p, lmbda)
+            )
         check_request(max_new_tokens, seed)
         longest = max(len(r) for r in rows)
         if longest + max_new_tokens - 1 > self._context:
@@ -298,19 +354,26 @@ class JointGenerator:
         stop_ids, stop_strings = parse_stop(stop, self.tokenizer, self.vocab)
         out = [Row() for _ in rows]
         track = track_text or bool(stop_strings)
-        return out, stop_strings, self._steps(rows, max_new_tokens, params, seed, stop_ids, out, track, stop_strings)
+        steps = self._steps(rows, max_new_tokens, params, seed, stop_ids, out, track, stop_strings, penalty)
+        return out, stop_strings, steps
 
     def generate(
         self,
         prompts: Prompts,
-        max_new_tokens: int = 32,
-        temperature: Param | Sequence[float] = 0.0,
+        max_new_tokens: int | None = None,
+        temperature: Param | Sequence[float] | None = None,
         top_k: Param | Sequence[int] = 0,
         top_p: Param | Sequence[float] = 1.0,
         min_p: Param | Sequence[float] = 0.0,
         seed: int | None = None,
         stop: int | str | Sequence[int | str] | None = None,
         lmbda: Param | Sequence[float] | None = None,
+        *,
+        do_sample: bool | None = None,
+        max_length: int | None = None,
+        repetition_penalty: float = 1.0,
+        num_return_sequences: int = 1,
+        **unsupported,
     ) -> GenerationResult:
         """Generate up to max_new_tokens tokens for each prompt.
 
@@ -319,16 +382,22 @@ class JointGenerator:
         prompts : str, list of str, list of token ids, list of lists, or LongTensor [B, T]
             Prompts of different lengths are left-padded; each gets the same greedy
             tokens it would get alone.
-        max_new_tokens : int
+        max_new_tokens : int, default 32
             Exactly this many tokens per prompt, unless EOS or a stop comes first.
         temperature, top_k, top_p, min_p :
-            HF-style sampling on the mixture; temperature 0 is greedy. Each takes one
-            value, or one per prompt.
+            HF-style sampling on the mixture; temperature 0 (the default) is greedy.
+            Each takes one value, or one per prompt.
         seed : int, optional
             Same seed, same tokens.
         stop : token id, string, or a list of them
             A row ends after a stop id (kept in token_ids) or a stop string (cut from the text).
         lmbda : float, or one per prompt; default the constructor's
+        do_sample, max_length, repetition_penalty, num_return_sequences :
+            As in Hugging Face generate: do_sample=False is greedy and do_sample=True
+            samples (at temperature 1 unless given); max_length counts the longest
+            prompt too; repetition_penalty scales the mixture's log p of tokens already
+            in the row; each prompt gives num_return_sequences consecutive results.
+            Other HF arguments raise TypeError saying what to use instead.
 
         Returns
         -------
@@ -339,8 +408,10 @@ class JointGenerator:
         >>> res = gen.generate(["Hello", "The cat"], max_new_tokens=8, temperature=0.7, top_p=0.9, seed=0)
         >>> res.texts, res.token_ids, res.logprobs
         """
+        hf_args.refuse_unknown("generate", unsupported)
         out, stop_strings, steps = self._start(
-            prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, lmbda, False
+            prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, lmbda, False, do_sample,
+            max_length, repetition_penalty, num_return_sequences,
         )
         for _ in steps:
             pass
@@ -351,10 +422,10 @@ class JointGenerator:
             [r.text for r in out], [r.token_ids for r in out], [r.logprobs for r in out], [r.finish_reason for r in out]
         )
 
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 32, **kwargs) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int | None = None, **kwargs) -> Iterator[str]:
         """Yield one prompt's text as it is produced; the pieces join to generate()'s text.
 
-        Takes the same keyword arguments as :meth:`generate`. A piece is held back
+        Takes the same keyword arguments as :meth:`generate` (num_return_sequences 1). A piece is held back
         while it may still change: a UTF-8 character split across tokens, or the
         start of a stop string.
 
@@ -363,13 +434,16 @@ class JointGenerator:
         >>> for piece in gen.stream("Once upon a time", max_new_tokens=50):
         ...     print(piece, end="", flush=True)
         """
-        if not isinstance(prompt, str) and not (isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt)):
+        one_prompt = isinstance(prompt, str) or (
+            isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt))
+        if not one_prompt:
             raise ValueError("stream: expected one prompt (a string or a list of token ids)")
         args = {k: kwargs.pop(k, d) for k, d in
-                (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("seed", None), ("stop", None),
-                 ("lmbda", None))}
-        if kwargs:
-            raise TypeError(f"stream: unexpected arguments {sorted(kwargs)}")
+                (("temperature", None), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("seed", None), ("stop", None),
+                 ("lmbda", None), ("do_sample", None), ("max_length", None), ("repetition_penalty", 1.0))}
+        if kwargs.pop("num_return_sequences", 1) != 1:
+            raise ValueError("num_return_sequences: stream() yields one sequence; use generate() for several")
+        hf_args.refuse_unknown("stream", kwargs)
         out, stop_strings, steps = self._start(prompt, max_new_tokens, track_text=True, **args)
         sent = 0
         for _ in steps:
@@ -385,9 +459,12 @@ class _EagerSession:
     The same interface as :class:`memdec_fast.generation.cuda_graph.GraphSession`.
     """
 
-    def __init__(self, gen: JointGenerator, params: dict[str, Param], seed: int | None, length: int):
+    def __init__(self, gen: JointGenerator, params: dict[str, Param], seed: int | None, length: int,
+                 penalty: RepetitionPenalty | None = None):
         self.gen, self.params, self.length = gen, params, length
-        self.sample = reference.sample if gen.reference else ops.sample
+        impl = reference if gen.reference else ops
+        self.sample = impl.sample if penalty is None else partial(_penalized, penalty, impl)
+        self.penalty = penalty
         self.rng = None
         if seed is not None:
             on_device = gen.device.type == "cuda" and ops.compiled_available() and not gen.reference
@@ -407,3 +484,18 @@ class _EagerSession:
         if not self.gen.is_mlp:
             self.gen._on_side(partial(self.gen.memory.keep_rows, rows))
         self.params = select_rows(self.params, rows)
+        if self.penalty is not None:
+            self.penalty.keep_rows(rows)
+
+
+def _penalized(penalty: RepetitionPenalty, impl, base_logits, mem_logits, generator=None, **params):
+    return penalty.sample(impl, base_logits, mem_logits, params, generator)
+
+
+def _repeat_rows(value, n: int):
+    """A per-prompt parameter (list or tensor [B]) repeated for n sequences per prompt; scalars as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat_interleave(n) if value.dim() == 1 else value
+    if isinstance(value, (list, tuple)):
+        return [v for v in value for _ in range(n)]
+    return value

@@ -14,7 +14,7 @@ import torch
 import memdec_fast
 from memdec_fast import cli
 from memdec_fast.generator import JointGenerator
-from memdec_fast.perplexity import perplexity
+from memdec_fast.ppl import perplexity
 
 
 def run(argv: list[str]) -> int:

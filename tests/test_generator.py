@@ -99,13 +99,16 @@ def test_eos_and_stop_ids_end_rows_early_and_batch_rows_still_match(gens, tokeni
     for i, toks in enumerate(full.token_ids):
         n = toks.index(stop_id) + 1 if stop_id in toks else len(toks)
         assert res.token_ids[i] == toks[:n]
-        assert res.finish_reasons[i] == ("eos" if stop_id in toks else "length")
+        # a stop token id reports "stop", as HF and OpenAI do; "eos" is kept for the tokenizer's EOS
+        assert res.finish_reasons[i] == ("stop" if stop_id in toks else "length")
         assert gen.generate(PROMPTS[i], max_new_tokens=12, stop=stop_id).token_ids[0] == toks[:n]
     # the same token as the tokenizer's EOS
     eos_tok = copy.deepcopy(tokenizer)
     eos_tok.eos_token = tokenizer.convert_ids_to_tokens(stop_id)
     eos_gen = JointGenerator(gen.base, gen.memory, eos_tok, lmbda=0.4, knn_temp=0.8)
-    assert eos_gen.generate(PROMPTS[0], max_new_tokens=12).token_ids[0] == res.token_ids[0]
+    eos_res = eos_gen.generate(PROMPTS[0], max_new_tokens=12)
+    assert eos_res.token_ids[0] == res.token_ids[0]
+    assert eos_res.finish_reasons[0] == ("eos" if stop_id in full.token_ids[0] else "length")
 
 
 def test_stop_strings_cut_the_text(gens):
@@ -229,6 +232,7 @@ def test_missing_and_corrupt_files(tmp_path, ckpts):
         JointGenerator.from_pretrained(ckpts["base"], tmp_path, memory_type="decoder")
     with pytest.raises(ValueError, match="corrupt checkpoint"):
         JointGenerator.from_pretrained(ckpts["base"], tmp_path)  # auto-detection reads the header too
+    (tmp_path / "model.safetensors").write_bytes((ckpts["decoder"] / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="no usable tokenizer"):
         JointGenerator.from_pretrained(tmp_path, ckpts["decoder"])
 

@@ -39,7 +39,8 @@ def write_datastore(path, keys: np.ndarray, values: np.ndarray, vocab_size: int)
     np.save(path / "keys.npy", keys.astype(np.float16))
     np.save(path / "values.npy", values.astype(np.int32))
     np.save(path / "tokens.npy", np.zeros(n + 1, np.int32))
-    meta = {"block_size": n + 1, "n_blocks": 1, "n_keys": n, "dim": dim, "vocab_size": vocab_size, "blocks_done": 1}
+    meta = {"format": 2, "state": "complete", "block_size": n + 1, "n_blocks": 1, "n_keys": n, "dim": dim,
+            "vocab_size": vocab_size, "blocks_done": 1}
     (path / "meta.json").write_text(json.dumps(meta))
     return Datastore.open(path)
 
@@ -114,11 +115,15 @@ def test_datastore_layout_and_resume(small_ds, tmp_path):
     keys = np.load(part / "keys.npy", mmap_mode="r+")
     keys[per:] = 0
     keys.flush()
-    (part / "meta.json").write_text(json.dumps({**meta, "blocks_done": 1}))
+    (part / "meta.json").write_text(json.dumps({**meta, "state": "building", "blocks_done": 1}))
+    with pytest.raises(ValueError, match="incomplete"):
+        Datastore.open(part)
     resumed = build_datastore(BASE, DOCS, part, block_size=32)
     np.testing.assert_array_equal(resumed.keys, small_ds.keys)
-    # another corpus in the same directory starts over
-    other = build_datastore(BASE, DOCS[:4], part, block_size=32)
+    # another corpus in the same directory is refused, and replaced with overwrite
+    with pytest.raises(ValueError, match="another corpus; rerun with --overwrite"):
+        build_datastore(BASE, DOCS[:4], part, block_size=32)
+    other = build_datastore(BASE, DOCS[:4], part, block_size=32, overwrite=True)
     assert other.n_blocks < small_ds.n_blocks
 
 
@@ -250,7 +255,7 @@ def test_ivfpq_index_for_large_datastores(small_ds):
 
 
 def test_shipped_pair_joint_ppl_beats_base():
-    from memdec_fast.perplexity import perplexity
+    from memdec_fast.ppl import perplexity
 
     mix = json.loads((DEMO_DIR / "memory" / "memdec_config.json").read_text())
     res = perplexity(str(BASE), str(DEMO_DIR / "memory"), DEMO_DIR / "domain_heldout.txt", lmbda=mix["lmbda"],

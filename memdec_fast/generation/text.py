@@ -12,7 +12,7 @@ class Row:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "length", "eos" (EOS or a stop id) or "stop" (a stop string)
+    finish_reason: str | None = None  # "length", "stop" (a stop string or id) or "eos" (the EOS token)
 
     def update_text(self, tokenizer, stop: list[str]) -> None:
         """Decode the tokens so far; end the row (and cut the text) at the first stop string."""

@@ -6,8 +6,12 @@ file is missing, ValueError when it exists but cannot be read.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+import socket
+from urllib.parse import urlparse
 
 import torch
 
@@ -29,9 +33,32 @@ def resolve(name_or_path: str | os.PathLike, filename: str) -> str | None:
     from transformers.utils import cached_file
 
     try:
+        if not _hub_reachable():  # fail in seconds, not after minutes of retries
+            found = cached_file(root, filename, _raise_exceptions_for_missing_entries=False, local_files_only=True)
+            if found is None and cached_file(root, "config.json", _raise_exceptions_for_missing_entries=False,
+                                             local_files_only=True) is None:
+                raise FileNotFoundError(
+                    f"{root}: not a local directory, not in the Hugging Face cache, and the hub cannot be reached "
+                    "(offline): download it on a machine with network access, or pass a local directory")
+            return found
         return cached_file(root, filename, _raise_exceptions_for_missing_entries=False)
+    except FileNotFoundError:
+        raise
     except Exception as err:  # hub errors come in many types; all mean "cannot get it"
         raise FileNotFoundError(f"{root}: not a local directory, and the hub could not provide {filename} ({err})") from err
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load_config(name_or_path: str | os.PathLike) -> dict:
@@ -104,6 +131,56 @@ def weight_names(files: list[str]) -> set[str]:
     return names
 
 
+def weight_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the given weight files, from safetensors headers where possible."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        if not path.endswith(".safetensors"):
+            shapes |= {k: tuple(v.shape) for k, v in load_state_dict([path]).items()}
+            continue
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:
+            raise ValueError(f"{path}: corrupt checkpoint ({type(err).__name__}: {err})") from err
+    return shapes
+
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:h|layers|blocks|layer)\.(\d+)\.")
+_LAYER_KEYS = ("n_layer", "num_hidden_layers", "num_layers")
+_WIDTH_KEYS = ("n_embd", "hidden_size", "d_model")
+_EMBEDDINGS = ("wte.weight", "embed_tokens.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def check_config_against_weights(name_or_path: str | os.PathLike, config: dict | None = None) -> None:
+    """Refuse a config.json whose sizes disagree with its weights, before any model is built.
+
+    Compares the number of blocks and the hidden size in config.json with the
+    tensors' names and shapes (headers only for safetensors), so that a hostile or
+    mismatched config (a billion layers, another architecture's defaults) costs
+    nothing. Raises ValueError naming the checkpoint.
+    """
+    where = os.fspath(name_or_path)
+    config = load_config(name_or_path) if config is None else config
+    shapes = weight_shapes(weight_files(name_or_path))
+    blocks = {int(m.group(1)) for k in shapes if (m := _BLOCK_INDEX.search(k))}
+    key = next((k for k in _LAYER_KEYS if isinstance(config.get(k), int)), None)
+    if key is not None:
+        n = config[key]
+        if not blocks and n > 0:
+            raise ValueError(f"{where}: config.json says {key}={n}, but no tensor in its weights belongs to a block; "
+                             "the weights do not match the config")
+        if blocks and n != max(blocks) + 1:
+            raise ValueError(f"{where}: config.json says {key}={n}, but the weights hold {max(blocks) + 1} blocks")
+    width_key = next((k for k in _WIDTH_KEYS if isinstance(config.get(k), int)), None)
+    embedding = next((v for k, v in shapes.items() if k.endswith(_EMBEDDINGS) and len(v) == 2), None)
+    if width_key is not None and embedding is not None and embedding[1] != config[width_key]:
+        raise ValueError(f"{where}: config.json says {width_key}={config[width_key]}, but the token embedding has "
+                         f"width {embedding[1]}")
+
+
 def take(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str) -> dict[str, torch.Tensor]:
     """The tensors named in `expected`, checked for presence and shape."""
     missing = [k for k in expected if k not in state]
@@ -119,15 +196,33 @@ MIXING_FILE = "memdec_config.json"
 DEFAULT_MIXING = {"lmbda": 0.55, "knn_temp": 1.0}
 
 
-def read_mixing(memory_dir: str | os.PathLike) -> dict:
+def read_mixing(memory: str | os.PathLike) -> dict:
     """lmbda and knn_temp stored beside a local memory checkpoint, else upstream's defaults.
 
     memdec_fast.train writes the values it tuned to ``memdec_config.json`` in the
     memory's directory; a memory without one (or a hub name) gets lmbda 0.55,
-    knn_temp 1.0.
+    knn_temp 1.0. A file that is not a JSON object of numbers in range raises
+    ValueError naming the file.
     """
-    path = os.path.join(os.fspath(memory_dir), MIXING_FILE)
+    path = os.path.join(os.fspath(memory), MIXING_FILE)
     if not os.path.isfile(path):
         return dict(DEFAULT_MIXING)
-    with open(path, encoding="utf-8") as f:
-        return DEFAULT_MIXING | json.load(f)
+    stored = read_json(path)
+    out = dict(DEFAULT_MIXING)
+    for key, ok, rule in (("lmbda", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"), ("knn_temp", lambda v: v > 0, "> 0")):
+        if key not in stored:
+            continue
+        v = stored[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ValueError(f"{path}: {key} must be a number {rule}, got {v!r}")
+        out[key] = float(v)
+    return out
+
+
+def mixing_defaults(memory, lmbda: float | None, knn_temp: float | None) -> tuple[float, float]:
+    """(lmbda, knn_temp): the values given, else those stored with the memory (:func:`read_mixing`).
+
+    `memory` may be a path, a hub name, or a loaded model (which stores nothing: upstream's defaults).
+    """
+    stored = read_mixing(memory) if isinstance(memory, (str, os.PathLike)) else dict(DEFAULT_MIXING)
+    return (stored["lmbda"] if lmbda is None else lmbda), (stored["knn_temp"] if knn_temp is None else knn_temp)

@@ -106,14 +106,18 @@ def read_layer_position(name_or_path: str | os.PathLike) -> int:
     return value
 
 
-def detect_memory_type(name_or_path: str | os.PathLike) -> str:
+def detect_memory_type(name_or_path: str | os.PathLike, by_weights: bool = False) -> str | None:
     """"mlp" for an MLP Memory checkpoint, "decoder" for a causal LM.
 
     An MLP Memory has an mlp_memory_config.json nearby, or MLP weights
-    (h.0.mlp.c_fc) without any attention weights.
+    (h.0.mlp.c_fc) without any attention weights. With ``by_weights=True`` only
+    the weights decide, and None means they do not say (neither attention nor
+    MLP blocks).
     """
-    if _config_paths(name_or_path):
+    if not by_weights and _config_paths(name_or_path):
         return "mlp"
     names = {k.removeprefix("transformer.") for k in checkpoint.weight_names(checkpoint.weight_files(name_or_path))}
     has_attn = any(".attn." in k or "self_attn" in k for k in names)
+    if by_weights:
+        return "decoder" if has_attn else "mlp" if "h.0.mlp.c_fc.weight" in names else None
     return "mlp" if "h.0.mlp.c_fc.weight" in names and not has_attn else "decoder"

@@ -19,7 +19,7 @@ from memdec_fast.models.checkpoint import read_mixing
 from memdec_fast.train.datastore import Datastore
 from memdec_fast.train.evaluate import as_lines, best_lmbda, mixture_ppl, windowed_logprobs
 from memdec_fast.train.knnlm import KNNLM
-from memdec_fast.train.models import load_lm, load_tokenizer
+from memdec_fast.train.models import forward_cached, load_lm, load_tokenizer
 
 __all__ = ["compare", "format_table", "ms_per_token"]
 
@@ -29,8 +29,8 @@ Step = Callable[[torch.Tensor, object], tuple[torch.Tensor, object]]
 def _lm_step(model: torch.nn.Module) -> Step:
     @torch.inference_mode()
     def step(ids, past):
-        out = model(ids, past_key_values=past, use_cache=True)
-        return torch.log_softmax(out.logits[:, -1].float(), -1), out.past_key_values
+        out, cache = forward_cached(model, ids, past)
+        return torch.log_softmax(out.logits[:, -1].float(), -1), cache
     return step
 
 
@@ -38,10 +38,10 @@ def _joint_step(base: torch.nn.Module, memory: torch.nn.Module, lmbda: float, kn
     @torch.inference_mode()
     def step(ids, past):
         pb, pm = past if past is not None else (None, None)
-        ob = base(ids, past_key_values=pb, use_cache=True)
-        om = memory(ids, past_key_values=pm, use_cache=True)
+        ob, cb = forward_cached(base, ids, pb)
+        om, cm = forward_cached(memory, ids, pm)
         logp = ops.joint_logprobs(ob.logits[:, -1].float(), om.logits[:, -1].float(), lmbda, knn_temp)
-        return logp, (ob.past_key_values, om.past_key_values)
+        return logp, (cb, cm)
     return step
 
 
@@ -75,7 +75,7 @@ def compare(
 ) -> dict:
     """Perplexity on `texts` and decoding latency of the base, the kNN-LM and the Memory Decoder.
 
-    Perplexities follow :func:`memdec_fast.perplexity.perplexity`'s protocol
+    Perplexities follow :func:`memdec_fast.ppl.perplexity`'s protocol
     (the base's and the Memory Decoder's come from it).
 
     Parameters
@@ -103,7 +103,7 @@ def compare(
     >>> print(format_table(compare("base/", "memory/", "ds/", texts)))  # doctest: +SKIP
     """
     from memdec_fast.eval_data import load_tokens
-    from memdec_fast.perplexity import perplexity
+    from memdec_fast.ppl import perplexity
 
     if not texts:
         raise ValueError("no held-out text to score")

@@ -1,4 +1,4 @@
-"""memdec_fast.perplexity: the sliding-window protocol, the lambda sweep, data forms, errors and memory."""
+"""memdec_fast.perplexity (memdec_fast/ppl.py): the sliding-window protocol, the lambda sweep, data forms, errors and memory."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 import memdec_fast
 from memdec_fast.generator import JointGenerator
-from memdec_fast.perplexity import PerplexityResult, perplexity, plan_windows
+from memdec_fast.ppl import PerplexityResult, perplexity, plan_windows
 
 LMBDAS = [0.0, 0.25, 0.55, 1.0]
 
@@ -196,7 +196,7 @@ def test_path_base_needs_a_memory(ckpts, ids):
 _PEAK_SCRIPT = """
 import json, re, sys, torch
 from memdec_fast.generator import JointGenerator
-from memdec_fast.perplexity import perplexity
+from memdec_fast.ppl import perplexity
 
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
