@@ -19,6 +19,8 @@ from memdec_fast.models.checkpoint import read_mixing
 from memdec_fast.train.datastore import Datastore
 from memdec_fast.train.evaluate import as_lines, best_lmbda, mixture_ppl, windowed_logprobs
 from memdec_fast.train.knnlm import KNNLM
+from memdec_fast.train.mixing import tune_mixing
+from memdec_fast.train.mixing import write_mixing as save_mixing
 from memdec_fast.train.models import forward_cached, load_lm, load_tokenizer
 
 __all__ = ["compare", "format_table", "ms_per_token"]
@@ -72,6 +74,7 @@ def compare(
     block_size: int = 128,
     stride: int = 64,
     new_tokens: int = 32,
+    write_mixing: bool = False,
 ) -> dict:
     """Perplexity on `texts` and decoding latency of the base, the kNN-LM and the Memory Decoder.
 
@@ -88,7 +91,11 @@ def compare(
     texts : list[str]
         Held-out documents (lines).
     tune_texts : list[str], optional
-        Documents to choose the kNN-LM's lmbda on when `knn_lmbda` is None (else 0.25).
+        Documents to choose the kNN-LM's lmbda on when `knn_lmbda` is None (else 0.25);
+        with `write_mixing`, also the Memory Decoder's lmbda (at its knn_temp).
+    write_mixing : bool
+        Write the Memory Decoder's tuned lmbda and knn_temp to its memdec_config.json
+        (only with `tune_texts`).
     k, temperature : kNN-LM search settings.
     block_size, stride : the perplexity windows.
     new_tokens : tokens generated per latency run.
@@ -109,6 +116,11 @@ def compare(
         raise ValueError("no held-out text to score")
     base, memory, tok = load_lm(base_dir), load_lm(memory_dir), load_tokenizer(base_dir)
     mix = read_mixing(memory_dir)
+    if write_mixing and tune_texts:
+        mix = tune_mixing(base_dir, memory_dir, tune_texts, (mix["knn_temp"],), block_size=block_size, stride=stride,
+                          memory_type="decoder")
+        save_mixing(memory_dir, mix["lmbda"], mix["knn_temp"], tuned_on=f"{len(tune_texts)} documents (train compare)",
+                    tune_ppl=mix["tune_ppl"])
     knn = KNNLM(base, datastore, k=k, temperature=temperature, lmbda=0.5)
     if knn_lmbda is None:
         knn_lmbda = best_lmbda(*windowed_logprobs(knn.score, load_tokens(as_lines(tune_texts), tok), block_size,
@@ -130,7 +142,7 @@ def compare(
     return {"rows": rows, "tokens_scored": ppl.tokens, "datastore_keys": int(knn.ds.keys.shape[0]),
             "k": knn.k, "knn_temperature": temperature, "memory_knn_temp": mix["knn_temp"],
             "block_size": block_size, "stride": stride, "new_tokens": new_tokens,
-            "compiled_ops": ops.compiled_available()}
+            "memory_mixing_written": bool(write_mixing and tune_texts), "compiled_ops": ops.compiled_available()}
 
 
 def format_table(result: dict) -> str:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,17 @@ import torch
 from transformers import PreTrainedModel
 
 from memdec_fast.train.datastore import Datastore
+from memdec_fast.train.files import check_output_dir, remove_own
 from memdec_fast.train.loop import TrainConfig, train
 from memdec_fast.train.loss import memory_loss
+from memdec_fast.train.mixing import finish_memory
 from memdec_fast.train.models import load_lm, load_tokenizer
 from memdec_fast.train.targets import KnnTargets
 
-__all__ = ["block_batches", "train_memory_decoder"]
+__all__ = ["CHECKPOINT_FILES", "block_batches", "train_memory_decoder"]
+
+CHECKPOINT_FILES = ("decoder.pt", "decoder.tmp")
+"""What the trainer writes under its checkpoint directory, and all it removes from there when done."""
 
 
 def block_batches(ds: Datastore, targets: KnnTargets, batch_size: int, seed: int, epoch: int,
@@ -45,6 +49,11 @@ def train_memory_decoder(
     tokenizer_dir: str | Path | None = None,
     work_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    tune_texts: list[str] | None = None,
+    base: str | Path | None = None,
+    knn_temps: Sequence[float] = (1.0,),
+    tuned_on: str | None = None,
 ) -> Path:
     """Train a Memory Decoder with 0.5 * KL(p_kNN || p_mem) + 0.5 * CE and save it as a HF directory.
 
@@ -61,7 +70,19 @@ def train_memory_decoder(
     tokenizer_dir : path
         Where to copy the tokenizer from (default: `init` when it is a directory).
     work_dir : path
-        Checkpoint location (default ``<out_dir>/checkpoint``); a run resumes from it.
+        Checkpoint location (default ``<out_dir>/checkpoint``, whose checkpoint file
+        is removed when done); a run resumes from it.
+    overwrite : bool
+        Write into an `out_dir` holding files the trainer does not write (they are
+        kept); without it such a directory raises ValueError before training.
+    tune_texts : list[str], optional
+        Validation documents: lmbda (and knn_temp among `knn_temps`) are chosen on
+        them and written to ``memdec_config.json``; without them the file holds
+        the defaults (lmbda 0.55, knn_temp 1.0).
+    base : path, optional
+        The base to tune with (default: the base recorded in the datastore).
+    tuned_on : str, optional
+        How to name the validation text in ``memdec_config.json``.
 
     Returns
     -------
@@ -73,6 +94,8 @@ def train_memory_decoder(
     >>> train_memory_decoder("ds/", "base/", "memory/", TrainConfig(epochs=3))  # doctest: +SKIP
     """
     cfg = config or TrainConfig()
+    out = Path(out_dir)
+    check_output_dir(out, CHECKPOINT_FILES, overwrite)
     ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
     targets = KnnTargets(ds.path / "knn_targets")
     model = load_lm(init, device) if isinstance(init, (str, Path)) else init.to(device)
@@ -90,13 +113,14 @@ def train_memory_decoder(
                                    idx.reshape(-1, idx.shape[-1]), probs.reshape(-1, probs.shape[-1]), cfg.alpha)
         return loss, {"kl": kl, "ce": ce}
 
-    out = Path(out_dir)
     ckpt = Path(work_dir) if work_dir is not None else out / "checkpoint"
     steps = -(-ds.n_blocks // cfg.batch_size)
     train(model, loss_fn, lambda e, s: block_batches(ds, targets, cfg.batch_size, cfg.seed, e, s), steps, cfg,
-          ckpt / "decoder.pt", desc="memory decoder")
+          ckpt / CHECKPOINT_FILES[0], desc="memory decoder")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    finish_memory(out, ds, tune_texts, base, knn_temps, tuned_on, "decoder", device)
     if work_dir is None:
-        shutil.rmtree(ckpt)
+        remove_own(ckpt, CHECKPOINT_FILES)
     return out
+

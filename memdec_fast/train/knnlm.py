@@ -16,7 +16,7 @@ import torch
 from memdec_fast import ops
 from memdec_fast.train.datastore import Datastore, last_mlp_inputs
 from memdec_fast.train.index import EXACT_MAX, build_index, load_index, save_index, search
-from memdec_fast.train.models import Model, load_lm
+from memdec_fast.train.models import Model, forward_cached, load_lm
 from memdec_fast.train.targets import knn_distribution
 
 __all__ = ["KNNLM"]
@@ -82,6 +82,6 @@ class KNNLM:
     def step(self, ids: torch.Tensor, past=None) -> tuple[torch.Tensor, object]:
         """One decoding step: log p of the mixture [B, V] after ids [B, t], and the new KV cache."""
         with last_mlp_inputs(self.model) as captured:
-            out = self.model(ids, past_key_values=past, use_cache=True)
+            out, cache = forward_cached(self.model, ids, past)
         lp_knn = self.knn_logprobs(captured[0][:, -1])
-        return ops.joint_logprobs(out.logits[:, -1].float(), lp_knn, self.lmbda), out.past_key_values
+        return ops.joint_logprobs(out.logits[:, -1].float(), lp_knn, self.lmbda), cache

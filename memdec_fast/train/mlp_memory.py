@@ -18,8 +18,7 @@ Each block computes ``x + c_proj(act(c_fc(ln_1(x))))``; then ``lm_head(ln_f(x))`
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,18 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from memdec_fast.train.datastore import Datastore
+from memdec_fast.train.files import check_output_dir, remove_own
 from memdec_fast.train.loop import TrainConfig, train
 from memdec_fast.train.loss import memory_loss
+from memdec_fast.train.mixing import finish_memory
 from memdec_fast.train.models import load_lm, load_tokenizer
 from memdec_fast.train.targets import KnnTargets
 
-__all__ = ["MLPMemory", "load_mlp_memory", "save_mlp_memory", "train_mlp_memory"]
+__all__ = ["CHECKPOINT_FILES", "MLPMemory", "load_mlp_memory", "save_mlp_memory", "special_token_ids",
+           "train_mlp_memory"]
+
+CHECKPOINT_FILES = ("mlp_memory.pt", "mlp_memory.tmp")
+"""What the trainer writes under its checkpoint directory, and all it removes from there when done."""
 
 
 class _Block(nn.Module):
@@ -122,6 +127,10 @@ def train_mlp_memory(
     config: TrainConfig | None = None,
     work_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    tune_texts: list[str] | None = None,
+    knn_temps: Sequence[float] = (1.0,),
+    tuned_on: str | None = None,
 ) -> Path:
     """Train an MLP Memory on the datastore's keys with 0.5 * KL(p_kNN || p_mem) + 0.5 * CE.
 
@@ -139,7 +148,15 @@ def train_mlp_memory(
     config : TrainConfig
         Optimisation settings; batch_size counts keys here.
     work_dir : path
-        Checkpoint location (default ``<out_dir>/checkpoint``, removed when done).
+        Checkpoint location (default ``<out_dir>/checkpoint``, whose checkpoint
+        file is removed when done).
+    overwrite : bool
+        Write into an `out_dir` holding files the trainer does not write (they are
+        kept); without it such a directory raises ValueError before training.
+    tune_texts, knn_temps, tuned_on :
+        As for :func:`~memdec_fast.train.decoder.train_memory_decoder`: the
+        mixture weights written to ``memdec_config.json`` are tuned on
+        `tune_texts` with `base` (default: the datastore's base), else the defaults.
 
     Returns
     -------
@@ -151,11 +168,15 @@ def train_mlp_memory(
     >>> train_mlp_memory("ds/", "mlp_memory/", base="base/", n_layer=4)  # doctest: +SKIP
     """
     cfg = config or TrainConfig(batch_size=1024)
+    out = Path(out_dir)
+    check_output_dir(out, CHECKPOINT_FILES, overwrite)
     ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
     targets = KnnTargets(ds.path / "knn_targets")
-    dim = int(ds.meta["dim"])
-    gcfg = GPT2Config(vocab_size=int(ds.meta["vocab_size"]), n_embd=n_embd or dim, n_layer=n_layer,
-                      activation_function=activation_function, n_positions=1, n_head=1)
+    dim, vocab = int(ds.meta["dim"]), int(ds.meta["vocab_size"])
+    tokenizer = load_tokenizer(base) if base is not None else None
+    gcfg = GPT2Config(vocab_size=vocab, n_embd=n_embd or dim, n_layer=n_layer,
+                      activation_function=activation_function, n_positions=1, n_head=1,
+                      **special_token_ids(tokenizer, vocab))
     torch.manual_seed(cfg.seed)
     memory = MLPMemory(gcfg, dim).to(device)
     if base is not None:
@@ -171,14 +192,27 @@ def train_mlp_memory(
         loss, kl, ce = memory_loss(memory(keys), values, idx, probs, cfg.alpha)
         return loss, {"kl": kl, "ce": ce}
 
-    out = Path(out_dir)
     ckpt = Path(work_dir) if work_dir is not None else out / "checkpoint"
     steps = -(-ds.keys.shape[0] // cfg.batch_size)
     train(memory, loss_fn, lambda e, s: _key_batches(ds, targets, cfg.batch_size, cfg.seed, e, s), steps, cfg,
-          ckpt / "mlp_memory.pt", desc="mlp memory")
+          ckpt / CHECKPOINT_FILES[0], desc="mlp memory")
     save_mlp_memory(memory.cpu(), out)
-    if base is not None:
-        load_tokenizer(base).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    finish_memory(out, ds, tune_texts, base, knn_temps, tuned_on, "mlp", device)
     if work_dir is None:
-        shutil.rmtree(ckpt)
+        remove_own(ckpt, CHECKPOINT_FILES)
     return out
+
+
+def special_token_ids(tokenizer, vocab_size: int) -> dict[str, int | None]:
+    """bos/eos/pad ids for a memory's config: the tokenizer's, None without one or when outside the vocabulary.
+
+    GPT2Config's defaults (50256) are GPT-2's; in a config with another
+    vocabulary they point outside it, and every load warns.
+    """
+    ids = {}
+    for name in ("bos", "eos", "pad"):
+        i = getattr(tokenizer, f"{name}_token_id", None) if tokenizer is not None else None
+        ids[f"{name}_token_id"] = i if i is not None and 0 <= i < vocab_size else None
+    return ids
