@@ -1,0 +1,6 @@
+"""The OpenAI-compatible HTTP server over :mod:`memdec_fast.engine` (``memdec-fast serve``).
+
+protocol.py: the request and response models; serving.py: one request -> engine streams -> a response;
+app.py: build_app(engine) -> FastAPI; metrics.py: the /metrics text; cli.py: the ``serve`` subcommand.
+Importing this package imports neither FastAPI nor torch.
+"""

@@ -1,0 +1,118 @@
+"""The HTTP app: routes, and every error as OpenAI's error JSON. The logic lives in :mod:`.serving`.
+
+Routes: POST /v1/completions, GET /v1/models, GET /health, GET /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from memdec_fast.server.metrics import ServerMetrics
+from memdec_fast.server.protocol import CompletionRequest, ModelCard, ModelList
+from memdec_fast.server.serving import ApiError, CompletionServing, bad_request
+
+_STATUS_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | None = None) -> FastAPI:
+    """A FastAPI app serving `engine`; the caller starts and closes the engine.
+
+    Set ``app.state.draining = True`` to answer new completions (and /health)
+    with 503 while the requests in flight finish.
+
+    Example
+    -------
+    >>> app = build_app(engine, "memdec-fast")
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    app = FastAPI(title="memdec-fast", docs_url=None, redoc_url=None, openapi_url=None)
+    serving = CompletionServing(engine, model_name, metrics)
+    app.state.serving = serving
+    app.state.draining = False
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        serving.metrics.request_done("bad_request")
+        return _api_error_response(_validation_error(err))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = _STATUS_TYPES.get(err.status_code, "invalid_request_error" if err.status_code < 500 else "server_error")
+        return _api_error_response(ApiError(err.status_code, str(err.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, err: Exception) -> JSONResponse:
+        from memdec_fast.server.serving import api_error
+
+        return _api_error_response(api_error(err))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if app.state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, max_model_len=getattr(engine, "max_context", None))])
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(serving.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        if app.state.draining:
+            serving.metrics.request_done("unavailable")
+            raise ApiError(503, "the server is shutting down and accepts no new requests",
+                           "service_unavailable_error", code="engine_closed")
+        if req.stream:
+            events = await serving.create(req)
+            return StreamingResponse(events, media_type="text/event-stream")
+        # Starlette notices a disconnect only while streaming; here a watcher cancels the work (and the engine
+        # requests) when the client goes away before its response is ready.
+        work = asyncio.ensure_future(serving.create(req))
+        gone = asyncio.ensure_future(_disconnected(raw))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            return Response(status_code=499)  # nobody reads it
+        return JSONResponse(work.result().model_dump())
+
+    return app
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _api_error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+def _validation_error(err: RequestValidationError) -> ApiError:
+    """The first pydantic error as one line naming the field, e.g. "max_tokens: Input should be ..."."""
+    first = err.errors()[0] if err.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # a union (prompt, stop) reports each member's failure; its first path element is the field
+    param = loc[0] if loc else None
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        return bad_request(f"body: invalid JSON ({first.get('ctx', {}).get('error', msg)})", None)
+    if first.get("type") == "missing":
+        return bad_request(f"{param}: field required", param)
+    where = ".".join(loc[:1] + [x for x in loc[1:] if x.isdigit()])
+    return bad_request(f"{where or 'body'}: {msg}", param)

@@ -1,0 +1,179 @@
+"""``memdec-fast serve``: the OpenAI-compatible HTTP server over the continuous-batching engine.
+
+    memdec-fast serve [--base B --memory M] [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--max-queue 256]
+
+Arguments are checked, and the port bound, before any model loads. SIGTERM or
+Ctrl-C drains: new requests get 503, the requests in flight finish within
+--drain-timeout (the rest are cancelled), and the process exits 0. A second
+signal stops at once. FastAPI, uvicorn and torch are imported only when the
+command runs, so ``memdec-fast --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+
+__all__ = ["register", "cmd_serve"]
+
+
+def _port(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 65535]")
+    return v
+
+
+def register(subparsers) -> None:
+    """Add ``serve`` to the ``memdec-fast`` parser."""
+    from memdec_fast.cli import _KNN_TEMP_HELP, _LMBDA_HELP, _common, _positive_float, _positive_int, _unit_float
+
+    p = subparsers.add_parser("serve", parents=[_common()], help="OpenAI-compatible HTTP server (/v1/completions)",
+                              description="Serve the pair over HTTP with OpenAI's completions API. "
+                                          "Needs the serve extra: pip install 'memdec_fast[serve]'.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--served-model-name", default="memdec-fast", help="the `model` clients send (default memdec-fast)")
+    p.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP + "; a request may send its own")
+    p.add_argument("--knn-temp", type=_positive_float, help=_KNN_TEMP_HELP)
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--max-queue", type=_positive_int, default=256,
+                   help="requests waiting for a batch slot before new ones get 429 (default 256)")
+    p.add_argument("--drain-timeout", type=_non_negative, default=30.0,
+                   help="seconds the requests in flight get to finish after SIGTERM (default 30)")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    p.set_defaults(func=cmd_serve)
+
+
+def _non_negative(text: str) -> float:
+    v = float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return v
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ValueError(f"--host {host}: {err.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot bind ({err.strerror})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGTERM or Ctrl-C; returns 0 after a drain, 1 if the server failed."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as err:
+        raise ValueError(f"serve needs {err.name}: pip install 'memdec_fast[serve]'") from None
+    from memdec_fast.cli import _pair
+
+    base, memory = _pair(args)
+    sock = _bind(args.host, args.port)
+    try:
+        engine = _load_engine(args, base, memory)
+    except BaseException:
+        sock.close()
+        raise
+
+    from memdec_fast.server.app import build_app
+
+    app = build_app(engine, args.served_model_name)
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="off", timeout_graceful_shutdown=args.drain_timeout + 5)
+    server = uvicorn.Server(config)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as err:  # SystemExit from a failed startup included
+            failure.append(err)
+
+    engine.start()
+    closer: threading.Thread | None = None
+
+    def drain(signum: int, _frame) -> None:
+        nonlocal closer
+        if closer is not None:  # a second signal: stop now
+            server.force_exit = True
+            return
+        print(f"memdec-fast serve: {signal.Signals(signum).name}, draining (up to {args.drain_timeout:g} s)",
+              file=sys.stderr, flush=True)
+        app.state.draining = True
+        # the engine refuses new requests, finishes the running ones within the deadline and cancels the rest,
+        # while uvicorn stops listening and waits for the responses in flight
+        closer = threading.Thread(target=engine.close, kwargs={"timeout": args.drain_timeout}, daemon=True)
+        closer.start()
+        server.should_exit = True
+
+    old = {s: signal.signal(s, drain) for s in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=run, name="uvicorn")
+    thread.start()
+    try:
+        announced = False
+        while thread.is_alive():
+            thread.join(0.1)
+            if server.started and not announced:
+                announced = True
+                _announce(args, sock)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if closer is None:
+            engine.close(timeout=0)
+        else:
+            closer.join(args.drain_timeout + 10)
+        sock.close()
+    if failure and not (isinstance(failure[0], SystemExit) and failure[0].code in (0, None)):
+        print(f"memdec-fast serve: error: the HTTP server failed: {failure[0]!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_engine(args: argparse.Namespace, base: str, memory: str):
+    import torch
+
+    from memdec_fast.engine import Engine
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return Engine.from_pretrained(base, memory, memory_type=args.memory_type, lmbda=args.lmbda,
+                                  knn_temp=args.knn_temp, device=args.device, dtype=dtype, max_batch=args.max_batch,
+                                  max_queue=args.max_queue)
+
+
+def _announce(args: argparse.Namespace, sock: socket.socket) -> None:
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}/v1"
+    if args.json:
+        print(json.dumps({"url": url, "host": host, "port": port, "model": args.served_model_name}), flush=True)
+    else:
+        print(f"memdec-fast serve: serving {args.served_model_name!r} at {url}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m memdec_fast.server.cli serve ...``: the memdec-fast command line with serve registered."""
+    from memdec_fast import cli
+
+    if __spec__ is not None and __spec__.name not in cli._OPTIONAL_COMMANDS:  # until cli lists this module
+        cli._OPTIONAL_COMMANDS = (*cli._OPTIONAL_COMMANDS, __spec__.name)
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

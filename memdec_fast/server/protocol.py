@@ -1,0 +1,189 @@
+"""The OpenAI completions protocol as pydantic models: what the server reads and writes.
+
+Only /v1/completions is served. Fields OpenAI defines but we do not support are
+accepted at their neutral values and rejected otherwise (400 naming the field);
+unknown fields are ignored, as OpenAI and vLLM do.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature=0 for greedy decoding
+MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs`
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions.
+
+    Beyond OpenAI's fields, as vLLM accepts them: top_k (0 or -1 disable), min_p,
+    stop_token_ids, and lmbda (this request's weight of the memory, default the
+    server's).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: Prompt
+    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
+    temperature: float | None = Field(default=DEFAULT_TEMPERATURE, ge=0.0)
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    best_of: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions (vLLM's names)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    stop_token_ids: list[int] | None = None
+    lmbda: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v: Prompt) -> Prompt:
+        if isinstance(v, list) and len(v) == 0:
+            raise ValueError("expected a non-empty string, list of strings, or list of token ids")
+        return v
+
+    @field_validator("n", "best_of")
+    @classmethod
+    def _one_choice(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError(f"only 1 is supported, got {v}")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v:
+            raise ValueError("penalties are not supported (only 0)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict | None) -> dict | None:
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The batch of prompts: one string, a list of strings, token ids, or lists of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [p]  # one prompt given as token ids
+        return p
+
+    def sampling(self) -> dict:
+        """Keyword arguments for engine.stream (the engine's names and defaults for what is left unset)."""
+        stop: list = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop += list(self.stop_token_ids or [])
+        kw = {
+            "max_new_tokens": DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens,
+            "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": 0 if self.top_k in (None, -1) else self.top_k,
+            "min_p": 0.0 if self.min_p is None else self.min_p,
+            "seed": self.seed,
+            "stop": stop or None,
+        }
+        if self.lmbda is not None:
+            kw["lmbda"] = self.lmbda
+        return kw
+
+
+class Logprobs(BaseModel):
+    """OpenAI's legacy logprobs object. top_logprobs is None: the engine returns the chosen token's log p only."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+FinishReason = Literal["stop", "length"] | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Logprobs | None = None
+    finish_reason: FinishReason = None
+
+
+def _completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=_completion_id)
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "memdec-fast"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

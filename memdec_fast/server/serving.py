@@ -1,0 +1,297 @@
+"""Turn one /v1/completions request into engine streams, and their deltas into OpenAI responses.
+
+Every prompt of a request becomes one engine request, consumed through
+``engine.stream`` even when the client did not ask to stream, so that time to
+first token and time between tokens are measured the same way for both. Engine
+errors become :class:`ApiError` (an HTTP status and OpenAI's error fields);
+nothing here touches tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from memdec_fast.engine.types import EngineClosed, EngineOverloaded, RequestFailed, StreamDelta
+from memdec_fast.server.metrics import ServerMetrics
+from memdec_fast.server.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+    Logprobs,
+    Usage,
+)
+
+logger = logging.getLogger("memdec_fast.server")
+
+_FINISH = {"length": "length", "stop": "stop", "eos": "stop"}  # the engine's reasons -> OpenAI's
+_ENGINE_TO_HTTP = {"max_new_tokens": "max_tokens", "prompts": "prompt", "prompt": "prompt", "input_ids": "prompt",
+                   "stop": "stop"}
+_FIELD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)(\[\d+\])?\s*:")
+
+
+class ApiError(Exception):
+    """An error to answer with: HTTP status plus OpenAI's {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+
+    def body(self) -> dict:
+        return ErrorResponse(error=self.info).model_dump()
+
+
+def bad_request(message: str, param: str | None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param)
+
+
+def api_error(err: BaseException) -> ApiError:
+    """The HTTP answer to an exception raised by the engine (never its traceback)."""
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, EngineOverloaded):
+        return ApiError(429, f"the server is overloaded, retry later ({_one_line(err) or 'queue full'})",
+                        "rate_limit_error", code="engine_overloaded")
+    if isinstance(err, EngineClosed):
+        return ApiError(503, "the server is shutting down and accepts no new requests", "service_unavailable_error",
+                        code="engine_closed")
+    if isinstance(err, RequestFailed):
+        return ApiError(500, f"the request failed while generating: {_one_line(err) or 'no detail'}", "server_error",
+                        code="request_failed")
+    if isinstance(err, ValueError):
+        message = _one_line(err).replace("max_new_tokens", "max_tokens")
+        if message.startswith("prompt too long"):
+            return bad_request(message, "prompt")
+        m = _FIELD.match(message)
+        name = m.group(1) if m else None
+        return bad_request(message, _ENGINE_TO_HTTP.get(name, name))
+    logger.error("internal error", exc_info=err)
+    return ApiError(500, "internal server error", "server_error", code="internal_error")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _outcome(err: BaseException) -> str:
+    if isinstance(err, ValueError):
+        return "bad_request"
+    if isinstance(err, EngineOverloaded):
+        return "overloaded"
+    if isinstance(err, EngineClosed):
+        return "unavailable"
+    return "failed"
+
+
+@dataclass
+class _Choice:
+    """What one prompt has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    offset: int = 0  # text_offset of the next token
+
+
+class CompletionServing:
+    """The /v1/completions logic over an engine (see :mod:`memdec_fast.engine`).
+
+    Parameters
+    ----------
+    engine : has stream(prompt, **sampling), tokenizer, num_waiting, num_running, max_context
+    model_name : the name clients must send as `model`
+    metrics : ServerMetrics, default a new one reading the engine's gauges
+
+    Example
+    -------
+    >>> serving = CompletionServing(engine, "memdec-fast")
+    >>> result = await serving.create(CompletionRequest(model="memdec-fast", prompt="Hi"))  # a CompletionResponse
+    """
+
+    def __init__(self, engine, model_name: str, metrics: ServerMetrics | None = None):
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics or ServerMetrics(lambda: {"waiting": engine.num_waiting, "running": engine.num_running})
+        self._pumps: set[asyncio.Task] = set()
+
+    async def create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        """A finished response, or (stream=true) an iterator of SSE events ending with ``data: [DONE]``.
+
+        Raises ApiError for what is wrong before any token is produced (unknown
+        model, bad field, queue full, shutting down, a failure while generating
+        a non-streamed response).
+        """
+        t0 = time.perf_counter()
+        if req.model != self.model_name:
+            raise ApiError(404, f"model: {req.model!r} is not served here; this server serves {self.model_name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        streams = self._open(req, cid)  # may raise ApiError; nothing is left running then
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [self._spawn(self._pump(i, s, t0, queue)) for i, s in enumerate(streams)]
+        if req.stream:
+            return self._sse(req, cid, tasks, queue)
+        return await self._collect(req, cid, tasks, queue)
+
+    # -- engine side ----------------------------------------------------------------------------
+
+    def _open(self, req: CompletionRequest, cid: str) -> list:
+        sampling = req.sampling()
+        streams = []
+        try:
+            for i, prompt in enumerate(req.prompts()):
+                streams.append(self.engine.stream(prompt, request_id=f"{cid}-{i}", **sampling))
+        except Exception as err:
+            for s in streams:
+                self._spawn(_aclose(s))
+                self.metrics.request_done("cancelled")
+            self.metrics.request_done(_outcome(err))
+            raise api_error(err) from None
+        return streams
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pumps.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._pumps.discard)
+        return task
+
+    async def _pump(self, index: int, stream: AsyncIterator[StreamDelta], t0: float, queue: asyncio.Queue) -> None:
+        """Move one engine stream's deltas to `queue` as (index, delta); then (index, None) or (index, error).
+
+        Records the request's metrics. Cancelling this task cancels the engine
+        request (its stream is closed), and counts it as cancelled.
+        """
+        outcome, prompt_tokens, tokens, last = "cancelled", 0, 0, None
+        try:
+            async for delta in stream:
+                now = time.perf_counter()
+                prompt_tokens = delta.prompt_tokens or prompt_tokens
+                if delta.token_ids:
+                    if last is None:
+                        self.metrics.first_token(now - t0)
+                    else:
+                        self.metrics.between_tokens(now - last, len(delta.token_ids))
+                    last, tokens = now, tokens + len(delta.token_ids)
+                if delta.finish_reason is not None:
+                    outcome = "success"
+                queue.put_nowait((index, delta))
+            queue.put_nowait((index, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            outcome = _outcome(err)
+            queue.put_nowait((index, err))
+        finally:
+            await _aclose(stream)
+            e2e = time.perf_counter() - t0 if outcome == "success" else None
+            self.metrics.request_done(outcome, prompt_tokens, tokens, e2e)
+
+    # -- HTTP side ------------------------------------------------------------------------------
+
+    def _apply(self, req: CompletionRequest, choice: _Choice, delta: StreamDelta) -> Logprobs | None:
+        """Add `delta` to `choice`; returns the delta's logprobs object when the request asked for logprobs."""
+        choice.text.append(delta.text)
+        choice.token_ids += delta.token_ids
+        choice.logprobs += delta.logprobs
+        choice.prompt_tokens = delta.prompt_tokens or choice.prompt_tokens
+        if delta.finish_reason is not None:
+            choice.finish_reason = _FINISH.get(delta.finish_reason, "stop")
+        if req.logprobs is None:
+            return None
+        lp = Logprobs(top_logprobs=[] if req.logprobs else None)
+        for t, p in zip(delta.token_ids, delta.logprobs):
+            piece = self.engine.tokenizer.decode([t])
+            lp.tokens.append(piece)
+            lp.token_logprobs.append(p)
+            lp.text_offset.append(choice.offset)
+            choice.offset += len(piece)
+        return lp
+
+    async def _collect(self, req: CompletionRequest, cid: str, tasks: list, queue: asyncio.Queue) -> CompletionResponse:
+        choices = [_Choice() for _ in tasks]
+        lps: list[list[Logprobs]] = [[] for _ in tasks]
+        pending = len(tasks)
+        try:
+            while pending:
+                i, item = await queue.get()
+                if item is None:
+                    pending -= 1
+                elif isinstance(item, BaseException):
+                    raise api_error(item)
+                else:
+                    lp = self._apply(req, choices[i], item)
+                    if lp is not None:
+                        lps[i].append(lp)
+        finally:
+            for t in tasks:  # no-op for finished pumps; frees the engine slots of the others
+                t.cancel()
+        out = []
+        for i, c in enumerate(choices):
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = Logprobs(top_logprobs=[] if req.logprobs else None)
+                for lp in lps[i]:
+                    logprobs.tokens += lp.tokens
+                    logprobs.token_logprobs += lp.token_logprobs
+                    logprobs.text_offset += lp.text_offset
+            out.append(CompletionChoice(index=i, text="".join(c.text), logprobs=logprobs,
+                                        finish_reason=c.finish_reason))
+        return CompletionResponse(id=cid, model=self.model_name, choices=out, usage=_usage(choices))
+
+    async def _sse(self, req: CompletionRequest, cid: str, tasks: list, queue: asyncio.Queue) -> AsyncIterator[str]:
+        choices = [_Choice() for _ in tasks]
+        created = int(time.time())
+        pending = len(tasks)
+
+        def event(choice_list: list[CompletionChoice], usage: Usage | None = None) -> str:
+            chunk = CompletionResponse(id=cid, created=created, model=self.model_name, choices=choice_list,
+                                       usage=usage)
+            return f"data: {chunk.model_dump_json(exclude=None if usage else {'usage'})}\n\n"
+
+        try:
+            while pending:
+                i, item = await queue.get()
+                if item is None:
+                    pending -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    yield f"data: {json.dumps(api_error(item).body())}\n\n"
+                    break
+                lp = self._apply(req, choices[i], item)
+                if item.text or item.finish_reason is not None or (lp is not None and lp.tokens):
+                    finish = choices[i].finish_reason if item.finish_reason is not None else None
+                    yield event([CompletionChoice(index=i, text=item.text, logprobs=lp, finish_reason=finish)])
+            else:
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield event([], _usage(choices))
+            yield "data: [DONE]\n\n"
+        finally:
+            # also on a client disconnect, where Starlette cancels this generator: cancel without awaiting
+            for t in tasks:
+                t.cancel()
+
+
+def _usage(choices: list[_Choice]) -> Usage:
+    prompt = sum(c.prompt_tokens for c in choices)
+    completion = sum(len(c.token_ids) for c in choices)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _aclose(stream) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:  # a stream that failed is closed already
+            logger.debug("closing an engine stream", exc_info=True)
