@@ -62,6 +62,21 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def write_rows(
+    cache: tuple[torch.Tensor, torch.Tensor], input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each row's keys and values at that row's own cache slots (no data-dependent control flow).
+
+    cache: (k, v) [B, H, S, Dh], possibly views of a larger cache (written through);
+    input_pos: [B, T] slots; k, v: [B, H, T, Dh].
+    """
+    ck, cv = cache
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1], broadcast against input_pos [B, T]
+    ck[rows, :, input_pos] = k.transpose(1, 2)  # indexed as [B, T, H, Dh]
+    cv[rows, :, input_pos] = v.transpose(1, 2)
+    return ck, cv
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer: int):
         super().__init__()
@@ -74,11 +89,17 @@ class Attention(nn.Module):
             self.scale /= layer + 1
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None) -> torch.Tensor:
-        # x: [B, T, D]; mask: [B, 1, T, S] bool (True = attend) or None for causal; input_pos: [T] or None (no cache)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        # x: [B, T, D]; mask: [B, 1, T, S] bool (True = attend) or None for causal; input_pos: [T] or None (no cache),
+        # or with `cache` [B, T]: each row's own slots in the given (k, v) [B, H, S, Dh] instead of self.kv_cache
         B, T, D = x.shape
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(D, dim=-1))
-        if input_pos is not None:
+        if cache is not None:
+            k, v = write_rows(cache, input_pos, k, v)  # [B, H, S, Dh]
+        elif input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H, S, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
@@ -135,6 +156,12 @@ class GPT2(nn.Module):
             # zeros, not empty: masked slots still enter probs @ V, and 0 * NaN would poison it
             block.attn.kv_cache = KVCache(*(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv"))
 
+    def new_caches(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed (k, v) [batch, H, length, Dh] per block, owned by the caller (see forward's `caches`)."""
+        c, w = self.config, self.wte.weight
+        shape = (batch, c.n_head, length, c.n_embd // c.n_head)
+        return [tuple(torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in "kv") for _ in self.h]
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Shrink the caches to the batch rows `rows` [B'] (finished rows leave the batch)."""
         for block in self.h:
@@ -149,6 +176,7 @@ class GPT2(nn.Module):
         input_pos: torch.Tensor | None = None,
         hidden_layer: int | None = None,
         tail: int | None = None,
+        caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of every input position, and optionally the input of one block's MLP.
 
@@ -166,6 +194,9 @@ class GPT2(nn.Module):
         tail : int, optional
             Return logits (and hidden) for the last `tail` positions only (T' = tail),
             so that scoring a window's tail never holds the whole window's logits.
+        caches : list of (k, v) Tensors [B, H, S, Dh], one per block, optional
+            Caches owned by the caller (e.g. views of an engine's slots) used instead
+            of the model's own; input_pos is then [B, T], each row's own slots.
 
         Returns
         -------
@@ -176,7 +207,7 @@ class GPT2(nn.Module):
         hidden = None
         last = None if hidden_layer is None else hidden_layer % len(self.h)
         for i, block in enumerate(self.h):
-            x = x + block.attn(block.ln_1(x), mask, input_pos)
+            x = x + block.attn(block.ln_1(x), mask, input_pos, None if caches is None else caches[i])
             h = block.ln_2(x)
             if i == last:
                 hidden = h

@@ -9,6 +9,9 @@ the generator drives any causal LM the same way:
 - ``keep_rows(rows)`` drops finished rows from the batch;
 - ``forward(input_ids)`` scores a full unpadded window without any cache.
 
+GPT-2 runners also serve the engine's slots (:meth:`GPT2Runner.slot_forward`):
+a cache owned by the caller, one row per request, each row at its own length.
+
 Positions count only real tokens, so a left-padded row sees the same
 positions it would see alone.
 """
@@ -103,6 +106,40 @@ class GPT2Runner:
         for block in self.model.h:
             block.attn.kv_cache = None
         self.valid = self.positions = self.input_pos = None
+
+    def new_slot_caches(self, slots: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed per-block (k, v) [slots, H, length, Dh] for :meth:`slot_forward`; the caller owns them."""
+        return self.model.new_caches(slots, length)
+
+    @torch.inference_mode()
+    def slot_forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]],
+        rows: slice, length: int,
+    ) -> Output:
+        """Run tokens of the cache rows `rows`, each row at its own positions; the last position's outputs.
+
+        A row's token at position p is written to cache slot p and attends slots
+        [0, p], so rows of any lengths share one batch with no padding inside a
+        row. Static shapes and no host reads: a decode step of this call can be
+        captured in a CUDA graph.
+
+        Parameters
+        ----------
+        tokens, positions : Tensor [B, T] int64
+            B = the number of rows in `rows`; every position < length.
+        caches : per block (k, v) Tensors [slots, H, S, Dh], from :meth:`new_slot_caches`
+        rows : slice of the cache rows this batch runs in
+        length : int, the slots [0, length) attention reads (S' <= S)
+
+        Returns
+        -------
+        (logits [B, V_model], hidden [B, D] or None) of each row's last position
+        """
+        kv = [(k[rows, :, :length], v[rows, :, :length]) for k, v in caches]  # views: [B, H, S', Dh]
+        slots = torch.arange(length, device=self.device)
+        mask = (slots <= positions[:, :, None])[:, None]  # [B, 1, T, S']
+        logits, hidden = self.model(tokens, positions, mask, positions, self.hidden_layer, tail=1, caches=kv)
+        return logits[:, -1], None if hidden is None else hidden[:, -1]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, last: int | None = None) -> Output:

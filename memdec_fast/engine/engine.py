@@ -1,0 +1,415 @@
+"""Engine: continuous batching of many requests over one base and its memory.
+
+One background thread owns the models and runs the loop; each iteration (an engine *step*):
+
+1. drops cancelled requests (their slots free at once) and admits waiting ones into free slots;
+2. prefills at most ``prefill_chunk`` prompt tokens, summed over the requests still in prefill,
+   oldest first: a long prompt is split over several steps, so running streams keep getting one
+   token per step while it is read; a request whose prompt is complete samples its first token;
+3. runs one decode step over every decoding request (see :mod:`memdec_fast.engine.step`), and
+   retires the ones that finished.
+
+Callers reach it from any thread (:meth:`Engine.submit`) or event loop (:meth:`Engine.generate`,
+:meth:`Engine.stream`); errors cross as the typed exceptions of :mod:`memdec_fast.engine.types`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Self
+
+import torch
+
+from memdec_fast.engine.bridge import FutureSink, RequestStream
+from memdec_fast.engine.scheduler import Request, Scheduler, Sink
+from memdec_fast.engine.step import ModelStep, batch_bucket
+from memdec_fast.engine.types import EngineClosed, RequestFailed, RequestOutput, StreamDelta
+from memdec_fast.generation.requests import check_request, encode_prompts, parse_stop, sampling_params
+from memdec_fast.generator import JointGenerator
+from memdec_fast.models import checkpoint
+
+__all__ = ["Engine"]
+
+logger = logging.getLogger(__name__)
+
+SAMPLING = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None,
+            "stop": None, "lmbda": None, "request_id": None}
+"""The sampling keyword arguments of submit / generate / stream, and their defaults."""
+
+PREFILL_CHUNK = 512
+"""Default prompt tokens prefilled per engine step (summed over requests)."""
+
+
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """ValueError when the prompt and its new tokens need more positions than the context holds."""
+    # the same rule and words as JointGenerator's check (the last token needs no forward)
+    if prompt_tokens + max_new_tokens - 1 > context:
+        raise ValueError(
+            f"prompt too long: {prompt_tokens} prompt tokens + max_new_tokens={max_new_tokens} need "
+            f"{prompt_tokens + max_new_tokens - 1} positions, but the context window is {context}"
+        )
+
+
+class Engine:
+    """Continuous batching over a :class:`memdec_fast.JointGenerator`'s models.
+
+    Up to ``max_batch`` requests run at once, each in its own cache slot at its own length;
+    up to ``max_queue`` more wait. A request's tokens do not depend on the others in the
+    batch: greedy requests get JointGenerator's tokens for the same prompt alone, and seeded
+    requests draw from their own generator, seeded as JointGenerator seeds it.
+
+    Parameters
+    ----------
+    generator : JointGenerator
+        Already loaded models (memdec_fast's GPT-2 base; a GPT-2 Memory Decoder or an MLP
+        Memory). The engine owns them from now on: do not generate with the generator
+        while the engine runs. Bases or memories running in transformers raise ValueError.
+    max_batch : int
+        Cache slots: requests decoding at once. The caches of all slots are allocated here
+        (max_batch x context positions per model).
+    max_queue : int
+        Requests allowed to wait for a slot; one more raises EngineOverloaded.
+    prefill_chunk : int
+        Prompt tokens prefilled per engine step, summed over requests: the most a step
+        delays running streams for new prompts.
+    cuda_graphs : bool
+        On CUDA, replay each decode step as a CUDA graph, one per (batch, length) bucket.
+
+    Attributes
+    ----------
+    tokenizer : the base's tokenizer
+    max_context : int, positions a request may use (prompt + max_new_tokens - 1)
+    max_batch, max_queue, prefill_chunk : int
+    stats : dict of counters: steps, decode_steps, prefill_chunks, prefill_tokens, tokens
+
+    Example
+    -------
+    >>> with Engine.from_pretrained("gpt2", "path/to/memory", max_batch=16) as engine:
+    ...     out = engine.submit("The patient was given", max_new_tokens=20).result()
+    ...     print(out.text, out.finish_reason)
+    """
+
+    def __init__(self, generator: JointGenerator, max_batch: int = 32, max_queue: int = 256,
+                 prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True):
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                                 ("prefill_chunk", prefill_chunk, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        gen = generator
+        self.generator, self.tokenizer, self.vocab, self.device = gen, gen.tokenizer, gen.vocab, gen.device
+        self.max_context = gen.max_context if gen.is_mlp else min(gen.max_context, gen.memory.max_context)
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self._step = ModelStep(gen.base, gen.memory, gen.vocab, self.max_context, max_batch,
+                               reference=gen.reference, cuda_graphs=cuda_graphs)
+        self._sched = Scheduler(max_batch, max_queue, prefill_chunk)
+        self._eos = self.tokenizer.eos_token_id
+        self._tok_lock = threading.Lock()  # a fast tokenizer must not encode and decode in two threads at once
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closing = self._abort = False
+        self.stats = {"steps": 0, "decode_steps": 0, "prefill_chunks": 0, "prefill_tokens": 0, "tokens": 0}
+        self.trace: deque[dict] = deque(maxlen=4096)
+        """Per engine step: {"prefill": [(request_id, start, end)], "decode": [request_id]} (recent steps only)."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike,
+        memory: str | os.PathLike,
+        memory_type: str = "auto",
+        lmbda: float | None = None,
+        knn_temp: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        tokenizer=None,
+        base_temp: float = 1.0,
+        cuda_graphs: bool = True,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> Engine:
+        """Load a base and its memory (see :meth:`JointGenerator.from_pretrained`) and wrap them in an Engine.
+
+        Parameters
+        ----------
+        base, memory, memory_type, device, dtype, tokenizer, base_temp :
+            As in :meth:`JointGenerator.from_pretrained`.
+        lmbda, knn_temp : float, optional
+            Default: the values in the memory's memdec_config.json
+            (:func:`memdec_fast.models.checkpoint.read_mixing`).
+        cuda_graphs, max_batch, max_queue, prefill_chunk :
+            As in :class:`Engine`.
+
+        Example
+        -------
+        >>> engine = Engine.from_pretrained("gpt2-xl", "path/to/memory", max_batch=32, max_queue=256)
+        """
+        if lmbda is None or knn_temp is None:
+            mixing = checkpoint.read_mixing(memory)
+            lmbda = mixing["lmbda"] if lmbda is None else lmbda
+            knn_temp = mixing["knn_temp"] if knn_temp is None else knn_temp
+        gen = JointGenerator.from_pretrained(base, memory, memory_type=memory_type, lmbda=lmbda, knn_temp=knn_temp,
+                                             device=device, dtype=dtype, tokenizer=tokenizer, base_temp=base_temp,
+                                             cuda_graphs=False)
+        return cls(gen, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                   cuda_graphs=cuda_graphs)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the decode loop's thread (the first request also starts it). Raises EngineClosed after close()."""
+        with self._sched.cond:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        if self._closing:
+            raise EngineClosed("the engine is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="memdec_fast-engine", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting requests; let running and waiting ones finish for up to `timeout` seconds (None: until
+        they are done), then fail the rest with EngineClosed, and join the loop's thread. Idempotent."""
+        with self._sched.cond:
+            self._closing = True
+            self._sched.cond.notify_all()
+            thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            with self._sched.cond:
+                self._abort = True
+                self._sched.cond.notify_all()
+            thread.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._sched.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a slot (prefilling or decoding)."""
+        return len(self._sched.admitted)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _request(self, prompt: str | Sequence[int], sampling: dict, sink: Sink) -> Request:
+        """Check and encode one request; raise ValueError / TypeError like JointGenerator."""
+        unknown = sorted(set(sampling) - set(SAMPLING))
+        if unknown:
+            raise TypeError(f"unexpected arguments {unknown}")
+        s = SAMPLING | sampling
+        if not isinstance(prompt, str) and not (
+            isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray))
+            and all(isinstance(t, int) for t in prompt)
+        ):
+            raise ValueError("prompt: expected one prompt (a string or a list of token ids)")
+        with self._tok_lock:
+            ids = encode_prompts(prompt, self.tokenizer, self.vocab)[0]
+            stop_ids, stop_strings = parse_stop(s["stop"], self.tokenizer, self.vocab)
+        check_request(s["max_new_tokens"], s["seed"])
+        check_prompt_length(len(ids), s["max_new_tokens"], self.max_context)
+        gen = self.generator
+        params = sampling_params(
+            1, torch.device("cpu"), lmbda=gen.lmbda if s["lmbda"] is None else s["lmbda"], knn_temp=gen.knn_temp,
+            base_temp=gen.base_temp, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+            min_p=s["min_p"],
+        )
+        params = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+        rid = s["request_id"]
+        if rid is None:
+            rid = f"req-{next(self._ids)}"
+        elif not isinstance(rid, str):
+            raise ValueError(f"request_id: expected a str or None, got {rid!r}")
+        rng = None if s["seed"] is None else self._step.new_rng(s["seed"])
+        return Request(rid, ids, s["max_new_tokens"], params, rng, stop_ids, stop_strings,
+                       isinstance(sink, RequestStream), sink)
+
+    def _enqueue(self, req: Request) -> None:
+        with self._sched.cond:
+            self._start_locked()
+            self._sched.add(req)
+            self._sched.cond.notify_all()
+
+    def _cancel(self, req: Request) -> None:
+        with self._sched.cond:
+            self._sched.cancel(req)
+            self._sched.cond.notify_all()
+
+    def submit(self, prompt: str | Sequence[int], **sampling) -> Future[RequestOutput]:
+        """Queue one request; thread-safe. ``Future.cancel()`` cancels it (its slot frees at the next step).
+
+        Parameters
+        ----------
+        prompt : str or list of token ids
+        max_new_tokens : int, default 32
+        temperature, top_k, top_p, min_p : HF-style sampling of the mixture; temperature 0 (default) is greedy
+        seed : int, optional; the same seed gives the same tokens as JointGenerator.generate alone
+        stop : token id, string, or a list of them
+        lmbda : float, optional; default the generator's
+        request_id : str, optional; default "req-<n>"
+
+        Returns
+        -------
+        concurrent.futures.Future of a RequestOutput; it raises RequestFailed when the request's
+        row produced NaN or infinite logits, EngineClosed when close() cancelled it.
+
+        Raises
+        ------
+        ValueError, TypeError : bad arguments, an empty prompt, or a prompt too long for the context
+        EngineOverloaded : max_queue requests are already waiting
+        EngineClosed : after close()
+
+        Example
+        -------
+        >>> fut = engine.submit("Hello", max_new_tokens=8, temperature=0.7, seed=0)
+        >>> fut.result().text
+        """
+        sink = FutureSink()
+        req = self._request(prompt, sampling, sink)
+        self._enqueue(req)
+        sink.future.add_done_callback(lambda f: self._cancel(req) if f.cancelled() else None)
+        return sink.future
+
+    async def generate(self, prompt: str | Sequence[int], **sampling) -> RequestOutput:
+        """:meth:`submit`, awaited; cancelling the awaiting task cancels the request.
+
+        Example
+        -------
+        >>> out = await engine.generate("Hello", max_new_tokens=8)
+        """
+        return await asyncio.wrap_future(self.submit(prompt, **sampling))
+
+    def stream(self, prompt: str | Sequence[int], **sampling) -> RequestStream:
+        """Queue one request and return an async iterator of its :class:`StreamDelta`.
+
+        Arguments are checked, and the request queued, at the call (ValueError, EngineOverloaded and
+        EngineClosed raise here); the deltas' texts join to the final text, pending UTF-8 and possible
+        stop-string prefixes held back; the last delta has finish_reason set. Closing the iterator
+        early (aclose, break, cancelling the task) cancels the request.
+
+        Example
+        -------
+        >>> async for delta in engine.stream("Once upon a time", max_new_tokens=50):
+        ...     print(delta.text, end="", flush=True)
+        """
+        sink = RequestStream()
+        req = self._request(prompt, sampling, sink)
+        self._enqueue(req)
+        sink.on_close = lambda: self._cancel(req)
+        return sink
+
+    # -- the loop thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        sched = self._sched
+        while True:
+            with sched.cond:
+                while not self._abort and not sched.has_work() and not self._closing:
+                    sched.cond.wait()
+                if self._abort or (self._closing and not sched.has_work()):
+                    break
+                for req in [r for r in sched.admitted if r.cancelled]:
+                    sched.release(req)
+                for req in sched.admit():
+                    self._step.set_params(req.slot, req.params)
+            try:
+                self._iteration()
+            except Exception as err:  # a bug or a device error: fail the running requests, keep serving
+                logger.exception("memdec_fast engine: a step failed; failing its %d requests", len(sched.admitted))
+                for req in sched.running:
+                    self._fail(req, RequestFailed(f"request {req.request_id}: the engine step failed ({err})"))
+        with sched.cond:
+            left = list(sched.waiting) + sched.running
+            sched.waiting.clear()
+        for req in left:
+            sched.release(req)
+            req.sink.fail(EngineClosed("the engine closed before the request finished"))
+
+    def _iteration(self) -> None:
+        sched, step = self._sched, self._step
+        record = {"prefill": [], "decode": []}
+        for req, start, end in sched.prefill_plan():
+            logits = step.prefill(req.slot, req.prompt[start:end], start)
+            req.computed = end
+            record["prefill"].append((req.request_id, start, end))
+            self.stats["prefill_chunks"] += 1
+            self.stats["prefill_tokens"] += end - start
+            if end == len(req.prompt):
+                self._emit(req, *step.sample(logits, req.params, req.rng))
+        rows = sched.decode_rows()
+        if rows:
+            busy = [r for r in sched.admitted if r.slot is not None]
+            n = batch_bucket(max(r.slot for r in busy) + 1, self.max_batch)
+            tokens, positions = [0] * n, [0] * n
+            for r in busy:
+                if r.slot < n:  # a request in prefill feeds a dummy token where its next chunk will write
+                    positions[r.slot] = r.position
+            for r in rows:
+                tokens[r.slot] = r.row.token_ids[-1]
+            seeded = {r.slot: (r.params, r.rng) for r in rows if r.rng is not None}
+            out_tokens, out_logprobs = step.decode(tokens, positions, seeded)
+            self.stats["decode_steps"] += 1
+            for r in rows:
+                record["decode"].append(r.request_id)
+                self._emit(r, out_tokens[r.slot], out_logprobs[r.slot])
+        self.stats["steps"] += 1
+        self.trace.append(record)
+
+    def _emit(self, req: Request, token: int, logprob: float) -> None:
+        """Append one sampled token to `req`, stream it, and retire the request when it is done."""
+        row = req.row
+        if req.cancelled:
+            return  # released at the next step
+        if token < 0:
+            self._fail(req, RequestFailed(
+                f"request {req.request_id}: the models produced NaN or infinite logits at token {len(row.token_ids)}"))
+            return
+        self.stats["tokens"] += 1
+        row.token_ids.append(token)
+        row.logprobs.append(logprob)
+        if req.track_text:
+            with self._tok_lock:
+                row.update_text(self.tokenizer, req.stop_strings)  # a stop string sets finish_reason "stop"
+        if row.finish_reason is None and token in req.stop_ids:
+            row.finish_reason = "eos" if token == self._eos else "stop"
+        if row.finish_reason is None and len(row.token_ids) == req.max_new_tokens:
+            row.finish_reason = "length"
+        if row.finish_reason is not None and not req.track_text:
+            with self._tok_lock:
+                row.update_text(self.tokenizer, [])
+        if req.streaming:
+            text = row.stable_text(req.stop_strings)
+            req.sink.delta(StreamDelta(
+                req.request_id, text[req.sent_text:], row.token_ids[req.sent_tokens:], row.logprobs[req.sent_tokens:],
+                row.finish_reason, len(req.prompt),
+            ))
+            req.sent_text, req.sent_tokens = max(req.sent_text, len(text)), len(row.token_ids)
+        if row.finish_reason is not None:
+            with self._sched.cond:
+                self._sched.release(req)
+            req.sink.finish(RequestOutput(req.request_id, row.text, list(row.token_ids), list(row.logprobs),
+                                          row.finish_reason, len(req.prompt)))
+
+    def _fail(self, req: Request, err: Exception) -> None:
+        if req.slot is not None:
+            self._step.clear_slot(req.slot)
+        with self._sched.cond:
+            self._sched.release(req)
+        req.sink.fail(err)

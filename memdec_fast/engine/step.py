@@ -1,0 +1,212 @@
+"""The engine's model work over its cache slots: one prefill chunk of one request, or one decode step of all.
+
+Caches: per model and block, (k, v) [max_batch, H, S, Dh] with S the engine's context; row i is slot
+i. A request's token at position p is written to slot p of its row, so requests of any lengths share
+one batch without padding (see :meth:`memdec_fast.models.GPT2Runner.slot_forward`).
+
+A decode step runs rows [0, Bk), Bk being the batch bucket (next power of two, capped at max_batch)
+of the highest busy slot + 1, and reads cache slots [0, L), L the length bucket of the longest row.
+Rows in that range that do not decode (free slots, requests still prefilling) feed a dummy token at
+their next write position; that slot is overwritten before anything reads it.
+
+Everything the step reads sits in static buffers (tokens, positions, the [max_batch, 7] parameter
+table), so on CUDA the step of each (Bk, L) is captured once as a CUDA graph and replayed; anywhere
+else, or when capture fails, the very same function runs eagerly. Unseeded rows share one batched
+sampler call inside the step; a seeded request's row is then sampled again with its own generator,
+outside the graph, so that it draws exactly what it would draw alone in JointGenerator.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from memdec_fast import ops, reference
+from memdec_fast.generation import cuda_graph
+from memdec_fast.models import GPT2Runner, MLPMemory
+from memdec_fast.params import Param
+
+logger = logging.getLogger(__name__)
+
+Logits = tuple[torch.Tensor, torch.Tensor]
+"""(base_logits, mem_logits) [B, V], cut to the tokenizer's vocabulary."""
+
+
+def batch_bucket(rows: int, max_batch: int) -> int:
+    """Rows a decode step runs for `rows` busy rows: the next power of two, at most max_batch."""
+    return min(1 << (rows - 1).bit_length(), max_batch)
+
+
+def unsupported_model(base: object, memory: object) -> str | None:
+    """Why the engine cannot serve these models, or None."""
+    for name, m in (("base", base), ("memory", memory)):
+        if not isinstance(m, (GPT2Runner, MLPMemory)) or (name == "base" and isinstance(m, MLPMemory)):
+            model = getattr(m, "model", m)
+            arch = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+            return (f"the {name} is a {arch!r} model running in transformers; the engine's slot cache serves "
+                    "memdec_fast's lean GPT-2 only (other architectures are a later issue): use JointGenerator")
+    return None
+
+
+class ModelStep:
+    """Slot caches, static step buffers and (on CUDA) the decode graphs of one base and memory.
+
+    Parameters
+    ----------
+    base : GPT2Runner
+    memory : GPT2Runner (a Memory Decoder) or MLPMemory (reads the base's hidden state)
+    vocab : int, the tokenizer's vocabulary (padded logit rows are cut)
+    context : int, cache slots per row
+    max_batch : int, cache rows
+    reference : bool, sample with :mod:`memdec_fast.reference`
+    cuda_graphs : bool, capture decode steps on CUDA (ignored elsewhere)
+    """
+
+    def __init__(self, base: GPT2Runner, memory: GPT2Runner | MLPMemory, vocab: int, context: int, max_batch: int,
+                 reference: bool = False, cuda_graphs: bool = True):
+        reason = unsupported_model(base, memory)
+        if reason is not None:
+            raise ValueError(f"Engine: {reason}")
+        self.base, self.memory, self.vocab, self.context, self.max_batch = base, memory, vocab, context, max_batch
+        self.device = base.device
+        self.decoder = isinstance(memory, GPT2Runner)
+        self.runners = [base] + ([memory] if self.decoder else [])
+        self.reference = reference or not ops.compiled_available()
+        self.on_device_rng = self.device.type == "cuda" and not self.reference
+        self.caches = [r.new_slot_caches(max_batch, context) for r in self.runners]
+        self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] fed tokens
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] their positions
+        self.table = ops.pack_row_params(max_batch, self.device)  # [max_batch, 7] sampling parameters per slot
+        self.out_tokens = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] samples
+        self.out_logprobs = torch.zeros(max_batch, dtype=torch.float32, device=self.device)  # [max_batch]
+        self.rng = torch.Generator(self.device if self.on_device_rng else "cpu")
+        self.rng.seed()
+        reason = cuda_graph.unsupported_reason(self.device, base, memory, self.reference, ops.compiled_available())
+        self.replay = cuda_graphs and reason is None
+        if cuda_graphs and reason is not None:
+            level = logging.WARNING if self.device.type == "cuda" else logging.INFO
+            logger.log(level, "memdec_fast engine: CUDA graphs off, decoding eagerly: %s", reason)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Logits]] = {}
+        if self.replay:
+            self.stream = torch.cuda.Stream(self.device)  # warm-up and capture
+            self.mempool = torch.cuda.graph_pool_handle()  # shared: graphs replay one at a time
+
+    # -- per-slot state ---------------------------------------------------------------------------
+
+    def new_rng(self, seed: int) -> torch.Generator:
+        """A seeded request's generator, made as JointGenerator makes it (same seed alone, same tokens)."""
+        return torch.Generator(self.device if self.on_device_rng else "cpu").manual_seed(seed)
+
+    @torch.inference_mode()
+    def set_params(self, slot: int, params: dict[str, Param]) -> None:
+        self.table[slot].copy_(ops.pack_row_params(1, self.device, **params)[0])
+
+    @torch.inference_mode()
+    def clear_slot(self, slot: int) -> None:
+        """Zero a slot's caches: a failed request may have left NaN there, and masked slots still enter
+        probs @ V, where 0 * NaN = NaN."""
+        for caches in self.caches:
+            for k, v in caches:
+                k[slot].zero_()
+                v[slot].zero_()
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    def sample(self, logits: Logits, params: dict[str, Param], rng: torch.Generator | None) -> tuple[int, float]:
+        """One row [1, V] sampled eagerly, as JointGenerator samples a request alone."""
+        fn = reference.sample if self.reference else ops.sample
+        token, logprob = fn(*logits, **params, generator=rng or self.rng)
+        return int(token[0]), float(logprob[0])
+
+    def _sample_table(self, base_logits: torch.Tensor, mem_logits: torch.Tensor, table: torch.Tensor):
+        if not self.reference:
+            return ops.sample_rows(base_logits, mem_logits, table, self.rng)
+        cols = dict(zip(ops.ROW_PARAM_COLUMNS, table.unbind(1)))
+        cols["top_k"] = cols["top_k"].long()
+        return reference.sample(base_logits, mem_logits, **cols, generator=self.rng)
+
+    # -- prefill ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: list[int], start: int) -> Logits:
+        """Write prompt tokens at positions [start, start + T) of `slot`; the logits after the last one ([1, V])."""
+        ids = torch.tensor([tokens], dtype=torch.int64, device=self.device)  # [1, T]
+        pos = torch.arange(start, start + len(tokens), device=self.device)[None]  # [1, T]
+        return self._forward(ids, pos, slice(slot, slot + 1), start + len(tokens))
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: slice, length: int) -> Logits:
+        base_logits, hidden = self.base.slot_forward(ids, pos, self.caches[0], rows, length)
+        if self.decoder:
+            mem_logits = self.memory.slot_forward(ids, pos, self.caches[1], rows, length)[0]
+        else:
+            mem_logits = self.memory(hidden)
+        return base_logits[:, : self.vocab], mem_logits[:, : self.vocab]
+
+    # -- decode -----------------------------------------------------------------------------------
+
+    def _decode_body(self, rows: int, length: int) -> Logits:
+        """The captured step: rows' tokens at their positions -> logits and samples in the static buffers."""
+        logits = self._forward(self.tokens[:rows, None], self.positions[:rows, None], slice(0, rows), length)
+        tokens, logprobs = self._sample_table(*logits, self.table[:rows])
+        self.out_tokens[:rows].copy_(tokens)
+        self.out_logprobs[:rows].copy_(logprobs)
+        return logits
+
+    @torch.inference_mode()
+    def decode(
+        self, tokens: list[int], positions: list[int], seeded: dict[int, tuple[dict[str, Param], torch.Generator]]
+    ) -> tuple[list[int], list[float]]:
+        """One decode step over rows [0, len(tokens)) (a bucket size); each row's token and log p.
+
+        seeded: row -> (params, generator) of the rows a seeded request holds; they are sampled
+        again from their own generator (the batched sample of those rows is discarded).
+        """
+        rows = len(tokens)
+        length = cuda_graph.length_bucket(max(positions) + 1, self.context)
+        self.tokens[:rows].copy_(torch.tensor(tokens))
+        self.positions[:rows].copy_(torch.tensor(positions))
+        logits = self._run(rows, length)
+        out_tokens, out_logprobs = self.out_tokens[:rows].tolist(), self.out_logprobs[:rows].tolist()
+        for r, (params, rng) in seeded.items():
+            out_tokens[r], out_logprobs[r] = self.sample((logits[0][r : r + 1], logits[1][r : r + 1]), params, rng)
+        return out_tokens, out_logprobs
+
+    def _run(self, rows: int, length: int) -> Logits:
+        if not self.replay:
+            return self._decode_body(rows, length)
+        key = (rows, length)
+        if key not in self.graphs:
+            self._capture(rows, length)  # on failure replay is off from now on
+            if not self.replay:
+                return self._decode_body(rows, length)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits
+
+    def _capture(self, rows: int, length: int) -> None:
+        """Warm up once on the capture stream, undo the sampler's draw, capture; a failure turns replay off."""
+        main = torch.cuda.current_stream(self.device)
+        rng_state = self.rng.get_state()
+        try:
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                # lazy initialisation (cuBLAS workspaces, kernel loading) must not happen under capture; the
+                # warm-up's cache writes are the very ones the replay repeats
+                self._decode_body(rows, length)
+            main.wait_stream(self.stream)
+            self.rng.set_state(rng_state)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.rng)
+            with torch.cuda.graph(graph, pool=self.mempool, stream=self.stream):
+                logits = self._decode_body(rows, length)
+        except RuntimeError as err:  # CUDA errors and out-of-memory
+            torch.cuda.set_stream(main)  # torch.cuda.graph leaves its stream current when capture_end raises
+            main.wait_stream(self.stream)
+            self.rng = torch.Generator(self.device)  # the old one may be stuck mid-capture
+            self.rng.set_state(rng_state)
+            self.replay = False
+            self.graphs.clear()
+            logger.warning("memdec_fast engine: CUDA-graph capture failed, decoding eagerly from now on: %s", err)
+            return
+        self.graphs[rows, length] = (graph, logits)
