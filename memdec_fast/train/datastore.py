@@ -234,7 +234,7 @@ def build_datastore(
     old = None
     if meta_file.exists():
         try:
-            old = read_json_object(meta_file, "rerun with --overwrite to rebuild the datastore from scratch")
+            old = read_json_object(meta_file, _REBUILD)
         except ValueError:
             if not overwrite:
                 raise
