@@ -43,32 +43,26 @@ def _wake(waiter: asyncio.Future) -> None:
         waiter.set_result(None)
 
 
-class RequestStream:
-    """An async iterator of one request's :class:`StreamDelta`; the last one carries finish_reason.
+class StreamChannel:
+    """The engine's end of a stream: a thread-safe queue of deltas, read by one :class:`RequestStream`.
 
-    Filled by the engine's thread, read on any event loop. Closing it before the end (``aclose()``,
-    ``break`` out of ``async for`` once the iterator is dropped, or cancelling the task that awaits
-    it) cancels the request. A failed request raises its error (e.g. RequestFailed) from ``__anext__``.
+    It holds no reference to its reader, so dropping the reader cancels the request.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: deque = deque()  # StreamDelta, an exception, or _END
-        self._waiter: asyncio.Future | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._over = False  # the consumer saw the end, or closed the stream
-        self.on_close: Callable[[], None] = lambda: None  # cancels the request; set by the engine
-
-    # -- the engine's side ------------------------------------------------------------------------
+        self.lock = threading.Lock()
+        self.items: deque = deque()  # StreamDelta, an exception, or _END
+        self.waiter: asyncio.Future | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def _push(self, item: object) -> None:
-        with self._lock:
-            self._items.append(item)
-            waiter, loop, self._waiter = self._waiter, self._loop, None
+        with self.lock:
+            self.items.append(item)
+            waiter, loop, self.waiter = self.waiter, self.loop, None
         if waiter is not None:
             try:
                 loop.call_soon_threadsafe(_wake, waiter)
-            except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            except RuntimeError:  # the reader's loop is closed: nobody is listening
                 pass
 
     def delta(self, d: StreamDelta) -> None:
@@ -80,20 +74,32 @@ class RequestStream:
     def fail(self, err: Exception) -> None:
         self._push(err)
 
-    # -- the consumer's side ----------------------------------------------------------------------
+
+class RequestStream:
+    """An async iterator of one request's :class:`StreamDelta`; the last one carries finish_reason.
+
+    Filled by the engine's thread, read on any event loop. Closing it before the end (``aclose()``,
+    dropping it, e.g. by ``break`` out of ``async for engine.stream(...)``, or cancelling the task
+    that awaits it) cancels the request. A failed request raises its error (e.g. RequestFailed).
+    """
+
+    def __init__(self, channel: StreamChannel, on_close: Callable[[], None]) -> None:
+        self._channel, self._on_close = channel, on_close
+        self._over = False  # the reader saw the end, or closed the stream
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> StreamDelta:
+        ch = self._channel
         while True:
-            with self._lock:
+            with ch.lock:
                 if self._over:
                     raise StopAsyncIteration
-                item = self._items.popleft() if self._items else None
+                item = ch.items.popleft() if ch.items else None
                 if item is None:
-                    self._loop = asyncio.get_running_loop()
-                    self._waiter = waiter = self._loop.create_future()
+                    ch.loop = asyncio.get_running_loop()
+                    ch.waiter = waiter = ch.loop.create_future()
             if item is None:
                 try:
                     await waiter
@@ -103,18 +109,15 @@ class RequestStream:
                 continue
             if isinstance(item, StreamDelta):
                 return item
-            with self._lock:
-                self._over = True
+            self._over = True
             if item is _END:
                 raise StopAsyncIteration
             raise item
 
     def _close(self) -> None:
-        with self._lock:
-            if self._over:
-                return
+        if not self._over:
             self._over = True
-        self.on_close()
+            self._on_close()
 
     async def aclose(self) -> None:
         """Stop reading; cancels the request unless it already ended."""

@@ -27,7 +27,7 @@ from typing import Self
 
 import torch
 
-from memdec_fast.engine.bridge import FutureSink, RequestStream
+from memdec_fast.engine.bridge import FutureSink, RequestStream, StreamChannel
 from memdec_fast.engine.scheduler import Request, Scheduler, Sink
 from memdec_fast.engine.step import ModelStep, batch_bucket
 from memdec_fast.engine.types import EngineClosed, RequestFailed, RequestOutput, StreamDelta
@@ -239,7 +239,7 @@ class Engine:
             raise ValueError(f"request_id: expected a str or None, got {rid!r}")
         rng = None if s["seed"] is None else self._step.new_rng(s["seed"])
         return Request(rid, ids, s["max_new_tokens"], params, rng, stop_ids, stop_strings,
-                       isinstance(sink, RequestStream), sink)
+                       isinstance(sink, StreamChannel), sink)
 
     def _enqueue(self, req: Request) -> None:
         with self._sched.cond:
@@ -309,11 +309,10 @@ class Engine:
         >>> async for delta in engine.stream("Once upon a time", max_new_tokens=50):
         ...     print(delta.text, end="", flush=True)
         """
-        sink = RequestStream()
-        req = self._request(prompt, sampling, sink)
+        channel = StreamChannel()
+        req = self._request(prompt, sampling, channel)
         self._enqueue(req)
-        sink.on_close = lambda: self._cancel(req)
-        return sink
+        return RequestStream(channel, lambda: self._cancel(req))
 
     # -- the loop thread --------------------------------------------------------------------------
 

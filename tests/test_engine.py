@@ -1,0 +1,323 @@
+"""Engine: continuous batching against JointGenerator alone, on tiny random checkpoints (CPU, float32).
+
+Every wait is bounded (WAIT seconds); every loop is bounded in count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import time
+
+import pytest
+import torch
+from conftest import save_gpt2
+
+from memdec_fast import JointGenerator
+from memdec_fast.engine import Engine, EngineClosed, EngineOverloaded, RequestFailed, RequestOutput, StreamDelta
+
+WAIT = 30.0
+PROMPTS = ["the quick brown fox", "a plug", "memory decoders give a base", "héllo", "the lazy dog jumps over the fox"]
+
+
+def wait_until(cond, timeout: float = WAIT) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.002)
+
+
+def load(ckpts, memory: str) -> JointGenerator:
+    return JointGenerator.from_pretrained(ckpts["base"], ckpts[memory], lmbda=0.4, knn_temp=0.8, cuda_graphs=False)
+
+
+@pytest.fixture(scope="module")
+def refs(ckpts):
+    """JointGenerator per memory type: the reference each request must equal alone."""
+    return {m: load(ckpts, m) for m in ("decoder", "mlp")}
+
+
+@pytest.fixture(scope="module")
+def long_ckpts(ckpts, tmp_path_factory, tokenizer):
+    """A base with room for 256 positions, and the MLP Memory (no context of its own): requests that run long."""
+    base = save_gpt2(tmp_path_factory.mktemp("long") / "base", tokenizer, seed=5, n_positions=256)
+    return {"base": base, "mlp": ckpts["mlp"]}
+
+
+@pytest.fixture(scope="module")
+def long_ref(long_ckpts):
+    return load(long_ckpts, "mlp")
+
+
+def tokens_per_request(engine: Engine) -> dict[str, int]:
+    """Tokens each request got, from the step trace (its first comes with its last prefill chunk)."""
+    counts: dict[str, int] = {}
+    for step in engine.trace:
+        for rid in step["decode"]:
+            counts[rid] = counts.get(rid, 1) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def engines(ckpts):
+    """Small engines: 3 slots, prefill chunks of 4 tokens (most prompts take several steps)."""
+    out = {m: Engine(load(ckpts, m), max_batch=3, max_queue=8, prefill_chunk=4) for m in ("decoder", "mlp")}
+    yield out
+    for e in out.values():
+        e.close(timeout=WAIT)
+
+
+def assert_equals_alone(out: RequestOutput, ref: JointGenerator, prompt, **kw) -> None:
+    alone = ref.generate(prompt, **kw)
+    assert out.token_ids == alone.token_ids[0]
+    assert out.text == alone.texts[0]
+    torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(alone.logprobs[0]), atol=1e-4, rtol=0)
+    if alone.finish_reasons[0] in ("length", "stop"):
+        assert out.finish_reason == alone.finish_reasons[0]
+
+
+# -- equality with JointGenerator alone ----------------------------------------------------------
+
+@pytest.mark.parametrize("memory", ["decoder", "mlp"])
+def test_requests_joining_and_leaving_mid_batch_equal_generate_alone(engines, refs, memory):
+    engine, ref = engines[memory], refs[memory]
+    kws = [{"max_new_tokens": 12}, {"max_new_tokens": 3}, {"max_new_tokens": 9, "stop": "o"},
+           {"max_new_tokens": 6}, {"max_new_tokens": 10, "lmbda": 0.9}]
+    first, done = len(engine.trace), engine.stats["tokens"]
+    futs = [engine.submit(PROMPTS[0], **kws[0]), engine.submit(PROMPTS[1], **kws[1])]
+    wait_until(lambda: engine.stats["tokens"] >= done + 2)  # the others join a running batch
+    futs += [engine.submit(p, **kw) for p, kw in zip(PROMPTS[2:], kws[2:])]  # 5 requests, 3 slots: some wait
+    outs = [f.result(WAIT) for f in futs]
+    for prompt, kw, out in zip(PROMPTS, kws, outs):
+        assert_equals_alone(out, ref, prompt, **kw)
+        assert out.prompt_tokens == len(ref.tokenizer.encode(prompt))
+    steps = list(engine.trace)[first:]
+    batches = [set(s["decode"]) for s in steps if s["decode"]]
+    assert max(len(b) for b in batches) >= 2
+    # someone joined while others were decoding, and someone left while others went on
+    assert any(b - a and a & b for a, b in itertools.pairwise(batches))
+    assert any(a - b and a & b for a, b in itertools.pairwise(batches))
+
+
+def test_seeded_requests_reproduce_and_equal_generate_alone(engines, refs):
+    engine, ref = engines["decoder"], refs["decoder"]
+    kw = {"max_new_tokens": 10, "temperature": 1.3, "top_k": 40, "top_p": 0.95}
+    futs = [
+        engine.submit(PROMPTS[0], seed=7, **kw),
+        engine.submit(PROMPTS[1], **kw),  # unseeded: shares the batched sampler call
+        engine.submit(PROMPTS[2], max_new_tokens=10),  # greedy
+        engine.submit(PROMPTS[3], seed=8, **kw),
+    ]
+    outs = [f.result(WAIT) for f in futs]
+    assert_equals_alone(outs[0], ref, PROMPTS[0], seed=7, **kw)
+    assert_equals_alone(outs[2], ref, PROMPTS[2], max_new_tokens=10)
+    assert_equals_alone(outs[3], ref, PROMPTS[3], seed=8, **kw)
+    again = engine.submit(PROMPTS[0], seed=7, **kw).result(WAIT)
+    assert again.token_ids == outs[0].token_ids
+    assert len(outs[1].token_ids) == 10
+
+
+def test_stop_token_id_finishes_with_stop(engines, refs):
+    engine, ref = engines["decoder"], refs["decoder"]
+    greedy = ref.generate(PROMPTS[0], max_new_tokens=8).token_ids[0]
+    stop_id = greedy[3]
+    out = engine.submit(PROMPTS[0], max_new_tokens=8, stop=[stop_id]).result(WAIT)
+    assert out.token_ids == greedy[: greedy.index(stop_id) + 1]
+    assert out.finish_reason == "stop"
+
+
+# -- async API -----------------------------------------------------------------------------------
+
+def test_async_generate_and_stream_equal_generate_alone(engines, refs):
+    engine, ref = engines["mlp"], refs["mlp"]
+
+    async def main():
+        async def collect(prompt, **kw):
+            return [d async for d in engine.stream(prompt, **kw)]
+
+        return await asyncio.gather(
+            engine.generate(PROMPTS[0], max_new_tokens=7),
+            collect(PROMPTS[4], max_new_tokens=12, stop=" o"),
+            collect(PROMPTS[3], max_new_tokens=9),
+        )
+
+    out, *streams = asyncio.run(asyncio.wait_for(main(), WAIT))
+    assert_equals_alone(out, ref, PROMPTS[0], max_new_tokens=7)
+    for deltas, (prompt, kw) in zip(streams, [(PROMPTS[4], {"max_new_tokens": 12, "stop": " o"}),
+                                              (PROMPTS[3], {"max_new_tokens": 9})]):
+        assert all(isinstance(d, StreamDelta) for d in deltas)
+        assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1)
+        assert deltas[-1].finish_reason is not None
+        alone = ref.generate(prompt, **kw)
+        assert "".join(d.text for d in deltas) == alone.texts[0]
+        assert [t for d in deltas for t in d.token_ids] == alone.token_ids[0]
+
+
+def test_closing_a_stream_or_cancelling_generate_cancels_the_request(long_ckpts):
+    with Engine(load(long_ckpts, "mlp"), max_batch=2, prefill_chunk=64) as engine:
+        async def main():
+            stream = engine.stream(PROMPTS[0], max_new_tokens=200, request_id="closed")
+            async for _ in stream:
+                break
+            await stream.aclose()
+            await asyncio.to_thread(wait_until, lambda: engine.num_running == 0)
+
+            async for _ in engine.stream(PROMPTS[1], max_new_tokens=200, request_id="dropped"):
+                break  # the iterator is dropped here
+            await asyncio.to_thread(wait_until, lambda: engine.num_running == 0)
+
+            task = asyncio.create_task(engine.generate(PROMPTS[2], max_new_tokens=200, request_id="cancelled"))
+            await asyncio.to_thread(wait_until, lambda: tokens_per_request(engine).get("cancelled", 0) >= 3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.to_thread(wait_until, lambda: engine.num_running == 0)
+
+        asyncio.run(asyncio.wait_for(main(), WAIT))
+        counts = tokens_per_request(engine)
+        assert all(counts.get(rid, 0) < 200 for rid in ("closed", "dropped", "cancelled")), counts
+
+
+# -- cancellation, failures, overload, close -----------------------------------------------------
+
+def test_cancel_frees_the_slot_for_a_waiting_request(long_ckpts, long_ref):
+    with Engine(load(long_ckpts, "mlp"), max_batch=1) as engine:
+        long = engine.submit(PROMPTS[0], max_new_tokens=200)
+        short = engine.submit(PROMPTS[1], max_new_tokens=5)
+        wait_until(lambda: engine.stats["tokens"] >= 2)
+        assert (engine.num_running, engine.num_waiting) == (1, 1)
+        assert long.cancel()
+        out = short.result(WAIT)
+        assert_equals_alone(out, long_ref, PROMPTS[1], max_new_tokens=5)
+        assert engine.stats["tokens"] < 200 + 5
+        wait_until(lambda: engine.num_running == 0)
+
+
+def test_a_request_with_nan_logits_fails_alone(ckpts, refs):
+    ref = refs["decoder"]
+    goods = [(PROMPTS[0], 10), (PROMPTS[2], 8)]
+    used = {t for p, n in goods for t in ref.tokenizer.encode(p) + ref.generate(p, max_new_tokens=n).token_ids[0]}
+    poison = next(t for t in range(len(ref.tokenizer)) if t not in used)
+    gen = load(ckpts, "decoder")
+    wte = gen.base.model.wte  # tied to the LM head: poison what it returns for one token, not its weight row
+    embed = wte.forward
+    wte.forward = lambda idx: embed(idx).masked_fill((idx == poison)[..., None], float("nan"))
+    with Engine(gen, max_batch=3, prefill_chunk=4) as engine:
+        futs = [engine.submit(goods[0][0], max_new_tokens=10),
+                engine.submit([5, 6, poison, 7], max_new_tokens=10),
+                engine.submit(goods[1][0], max_new_tokens=8)]
+        with pytest.raises(RequestFailed, match="NaN"):
+            futs[1].result(WAIT)
+        for (prompt, n), fut in zip(goods, futs[::2]):
+            assert_equals_alone(fut.result(WAIT), ref, prompt, max_new_tokens=n)
+        # the failed request's slot is clean for the next one
+        after = [engine.submit(p, max_new_tokens=6) for p in PROMPTS[:3]]
+        for p, f in zip(PROMPTS[:3], after):
+            assert_equals_alone(f.result(WAIT), ref, p, max_new_tokens=6)
+
+
+def test_overload_raises_at_once(ckpts):
+    with Engine(load(ckpts, "decoder"), max_batch=1, max_queue=2) as engine:
+        with engine._sched.cond:  # hold the loop off, so that nothing leaves the queue meanwhile
+            futs = [engine.submit(PROMPTS[0], max_new_tokens=2) for _ in range(2)]
+            t0 = time.monotonic()
+            with pytest.raises(EngineOverloaded):
+                engine.submit(PROMPTS[0], max_new_tokens=2)
+            assert time.monotonic() - t0 < 1.0
+            assert engine.num_waiting == 2
+        assert all(len(f.result(WAIT).token_ids) == 2 for f in futs)
+
+
+def test_close_drains_then_refuses(ckpts):
+    engine = Engine(load(ckpts, "decoder"), max_batch=2)
+    futs = [engine.submit(p, max_new_tokens=6) for p in PROMPTS]
+    engine.close()
+    assert [len(f.result(0).token_ids) for f in futs] == [6] * len(PROMPTS)
+    with pytest.raises(EngineClosed):
+        engine.submit(PROMPTS[0])
+    with pytest.raises(EngineClosed):
+        engine.stream(PROMPTS[0])
+    engine.close()  # idempotent
+
+
+def test_close_with_a_timeout_fails_what_is_left(long_ckpts):
+    engine = Engine(load(long_ckpts, "mlp"), max_batch=1)
+    futs = [engine.submit(PROMPTS[0], max_new_tokens=200) for _ in range(3)]
+    wait_until(lambda: engine.stats["tokens"] >= 1)
+    t0 = time.monotonic()
+    engine.close(timeout=0.01)
+    assert time.monotonic() - t0 < WAIT
+    assert not engine._thread.is_alive()
+    errors = [f.exception(0) for f in futs]
+    assert any(isinstance(e, EngineClosed) for e in errors)
+    assert all(e is None or isinstance(e, EngineClosed) for e in errors)
+
+
+# -- chunked prefill -----------------------------------------------------------------------------
+
+def test_long_prompt_prefills_in_chunks_while_a_stream_keeps_decoding(long_ckpts, long_ref, tokenizer):
+    long_prompt = tokenizer.encode(" ".join(PROMPTS))[:44]
+    with Engine(load(long_ckpts, "mlp"), max_batch=2, prefill_chunk=4) as engine:
+        running = engine.submit(PROMPTS[1], max_new_tokens=150)
+        wait_until(lambda: engine.stats["tokens"] >= 1)
+        first = len(engine.trace)
+        late = engine.submit(long_prompt, max_new_tokens=6)
+        outs = running.result(WAIT), late.result(WAIT)
+        steps = list(engine.trace)[first:]
+    late_id = outs[1].request_id
+    chunks = [(i, c) for i, s in enumerate(steps) for c in s["prefill"] if c[0] == late_id]
+    assert len(chunks) == 11  # 44 tokens, 4 per step
+    assert all(end - start <= 4 for _, (_, start, end) in chunks)
+    # every step that read a chunk of the long prompt also gave the running request a token
+    assert all(outs[0].request_id in steps[i]["decode"] for i, _ in chunks)
+    assert_equals_alone(outs[0], long_ref, PROMPTS[1], max_new_tokens=150)
+    assert_equals_alone(outs[1], long_ref, long_prompt, max_new_tokens=6)
+
+
+# -- argument errors -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("prompt", "kwargs"), [
+    ("", {}),
+    ([], {}),
+    ("hello", {"temperature": -1.0}),
+    ("hello", {"top_p": 0.0}),
+    ("hello", {"max_new_tokens": 0}),
+    ("hello", {"seed": -1}),
+    ("hello", {"stop": [""]}),
+    ("hello", {"lmbda": 2.0}),
+    ("hello " * 40, {"max_new_tokens": 30}),
+])
+def test_bad_requests_raise_value_error_at_the_call_like_joint_generator(engines, refs, prompt, kwargs):
+    engine = engines["decoder"]
+    with pytest.raises(ValueError) as want:
+        refs["decoder"].generate(prompt, **kwargs)
+    with pytest.raises(ValueError) as got:
+        engine.submit(prompt, **kwargs)
+    assert str(got.value) == str(want.value)
+    with pytest.raises(ValueError):
+        engine.stream(prompt, **kwargs)
+    with pytest.raises(ValueError):
+        asyncio.run(engine.generate(prompt, **kwargs))
+    assert engine.num_waiting == 0
+
+
+def test_unknown_arguments_and_batches_are_refused(engines):
+    with pytest.raises(TypeError, match="temprature"):
+        engines["decoder"].submit("hello", temprature=0.5)
+    with pytest.raises(ValueError, match="one prompt"):
+        engines["decoder"].submit(["a", "b"])
+
+
+def test_transformers_models_are_refused_by_name(ckpts):
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4, reference=True)
+    with pytest.raises(ValueError, match="'gpt2' model running in transformers"):
+        Engine(gen)
+
+
+def test_from_pretrained_reads_mixing_and_serves(ckpts, tmp_path):
+    engine = Engine.from_pretrained(ckpts["base"], ckpts["decoder"], max_batch=2, max_queue=4, cuda_graphs=True)
+    with engine:
+        assert (engine.max_batch, engine.max_queue, engine.max_context) == (2, 4, 64)
+        assert engine.generator.lmbda == 0.55  # upstream's default: no memdec_config.json here
+        assert isinstance(engine.submit("hi", max_new_tokens=2), concurrent.futures.Future)
