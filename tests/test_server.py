@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,18 +21,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import save_gpt2
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
+import uvicorn
 
-import memdec_fast  # noqa: E402
-from memdec_fast.engine.types import EngineClosed, EngineOverloaded, RequestFailed, StreamDelta  # noqa: E402
-from memdec_fast.server.app import build_app  # noqa: E402
-from memdec_fast.server.cli import _bind  # noqa: E402
+import memdec_fast
+from memdec_fast.engine.types import EngineClosed, EngineOverloaded, RequestFailed, StreamDelta
+from memdec_fast.server.app import build_app
+from memdec_fast.server.cli import _bind
 
 MODEL = "memdec-fast"
 TIMEOUT = 60.0
@@ -276,3 +276,294 @@ def test_stream_usage_option(fake):
                                                  stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices
     assert all(c.usage is None for c in chunks[:-1])
+
+
+# -- the real engine over a tiny random pair -----------------------------------------------------------------------
+
+LMBDA, KNN_TEMP = 0.4, 1.5
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "memory", "decoders", "give", "a", "base", "model", "domain", "knowledge", "a", "plug", "and", "play", "memory", "for", "large", "language", "models"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """A tiny base and Memory Decoder with a 512-token context, so that a request can run for a while."""
+    root = tmp_path_factory.mktemp("serve_pair")
+    base = save_gpt2(root / "base", tokenizer, seed=10, n_positions=512)
+    memory = save_gpt2(root / "memory", tokenizer, seed=11, n_positions=512, n_embd=48, n_head=3)
+    return base, memory
+
+
+def start_engine(pair, **kw):
+    from memdec_fast.engine import Engine
+
+    engine = Engine.from_pretrained(*pair, lmbda=LMBDA, knn_temp=KNN_TEMP, device="cpu", **kw)
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def real(pair):
+    engine = start_engine(pair, max_batch=8, max_queue=64)
+    try:
+        with running_server(engine) as (url, app):
+            yield url, engine, app
+    finally:
+        engine.close(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def reference(pair):
+    from memdec_fast import JointGenerator
+
+    return JointGenerator.from_pretrained(*pair, lmbda=LMBDA, knn_temp=KNN_TEMP, device="cpu")
+
+
+def expected(gen, prompt: str, max_tokens: int, stop=None) -> tuple[str, str, int]:
+    """(text, OpenAI finish_reason, completion tokens) of JointGenerator.generate alone, greedy."""
+    res = gen.generate(prompt, max_new_tokens=max_tokens, stop=stop)
+    return res.texts[0], "length" if res.finish_reasons[0] == "length" else "stop", len(res.token_ids[0])
+
+
+def specs(gen, n: int) -> list[dict]:
+    """n greedy requests: prompts of 1 to 24 words, max_tokens 1 to 40, every third one with a stop string that
+    occurs in its unstopped completion."""
+    out = []
+    for i in range(n):
+        prompt = " ".join(WORDS[i % 7: i % 7 + 1 + (5 * i) % 24])
+        max_tokens = 1 + (7 * i) % 40
+        stop = None
+        if i % 3 == 0:
+            text = expected(gen, prompt, max_tokens)[0]
+            if len(text) >= 4:
+                stop = [text[len(text) // 2: len(text) // 2 + 2], "\x00never"]
+        out.append({"prompt": prompt, "max_tokens": max_tokens, "stop": stop})
+    return out
+
+
+def test_32_concurrent_greedy_completions_equal_generate_alone(real, reference):
+    url, _, _ = real
+    reqs = specs(reference, 32)
+    assert sum(r["stop"] is not None for r in reqs) >= 5
+
+    async def run():
+        async with aclient(url) as c:
+            calls = [c.completions.create(model=MODEL, temperature=0, **r) for r in reqs]
+            return await asyncio.wait_for(asyncio.gather(*calls), 120)
+
+    results = asyncio.run(run())
+    stopped = 0
+    for r, res in zip(reqs, results):
+        text, finish, n = expected(reference, r["prompt"], r["max_tokens"], r["stop"])
+        choice = res.choices[0]
+        assert (choice.text, choice.finish_reason) == (text, finish), r
+        assert res.usage.completion_tokens == n
+        assert res.usage.prompt_tokens == len(reference.tokenizer.encode(r["prompt"], add_special_tokens=False))
+        stopped += r["stop"] is not None and finish == "stop"
+    assert stopped >= 3  # the stop strings did stop some requests
+
+
+def test_streaming_joined_equals_non_streaming(real):
+    url, _, _ = real
+    c = client(url)
+    cases = [
+        {"prompt": "the quick brown fox", "max_tokens": 30, "temperature": 0},
+        {"prompt": "a plug and play memory", "max_tokens": 25, "temperature": 0.9, "seed": 7, "top_p": 0.9},
+        {"prompt": "memory decoders", "max_tokens": 20, "temperature": 1.2, "seed": 3, "extra_body": {"top_k": 20}},
+        {"prompt": "the lazy dog", "max_tokens": 40, "temperature": 0, "extra_body": {"lmbda": 0.9}},
+        {"prompt": "large language models", "max_tokens": 30, "temperature": 0, "logprobs": 1},
+    ]
+    for case in cases:
+        whole = c.completions.create(model=MODEL, **case)
+        chunks = list(c.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True}, **case))
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert text == whole.choices[0].text and finish == [whole.choices[0].finish_reason], case
+        assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+        if "logprobs" in case:
+            got = [lp for ch in chunks if ch.choices for lp in ch.choices[0].logprobs.token_logprobs]
+            assert got == whole.choices[0].logprobs.token_logprobs
+            assert len(got) == whole.usage.completion_tokens and all(lp <= 0 for lp in got)
+    # a per-request lmbda changes the mixture
+    assert c.completions.create(model=MODEL, **cases[3]).choices[0].text != c.completions.create(
+        model=MODEL, **{k: v for k, v in cases[3].items() if k != "extra_body"}).choices[0].text
+
+
+def test_client_disconnect_mid_stream_cancels_and_frees_its_slot(real, reference):
+    url, engine, _ = real
+    before = metric(scrape(url), "memdec_fast_requests_total", 'outcome="cancelled"')
+    others = specs(reference, 6)
+
+    async def run():
+        async with aclient(url) as c:
+            stream = await c.completions.create(model=MODEL, prompt="the quick brown fox", max_tokens=500,
+                                                temperature=0, stream=True)
+            rest = asyncio.gather(*[c.completions.create(model=MODEL, temperature=0, **r) for r in others])
+            got = 0
+            async for chunk in stream:
+                got += bool(chunk.choices and chunk.choices[0].text)
+                if got == 3:
+                    break
+            await stream.close()  # the client goes away mid-stream
+            return await asyncio.wait_for(rest, 120)
+
+    results = asyncio.run(run())
+    for r, res in zip(others, results):
+        text, finish, _ = expected(reference, r["prompt"], r["max_tokens"], r["stop"])
+        assert (res.choices[0].text, res.choices[0].finish_reason) == (text, finish)
+    wait_until(lambda: metric(scrape(url), "memdec_fast_requests_total", 'outcome="cancelled"') == before + 1,
+               what="the cancelled request to be counted")
+    wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, what="the slot to be freed")
+    assert metric(scrape(url), "memdec_fast_num_requests_running") == 0
+
+
+def test_full_queue_gives_429_and_the_waiting_request_can_leave(pair):
+    engine = start_engine(pair, max_batch=1, max_queue=1)
+    try:
+        with running_server(engine) as (url, _):
+            async def run():
+                async with aclient(url) as c:
+                    long = {"model": MODEL, "prompt": "the fox", "max_tokens": 500, "temperature": 0, "stream": True}
+                    first = await c.completions.create(**long)  # holds the only slot
+                    await asyncio.wait_for(first.__anext__(), 30)
+                    second = await c.completions.create(**long)  # waits in the queue
+                    await asyncio.to_thread(wait_until, lambda: engine.num_waiting == 1, 20, "a waiting request")
+                    with pytest.raises(openai.RateLimitError) as info:
+                        await c.completions.create(model=MODEL, prompt="the fox", max_tokens=2)
+                    assert info.value.body["code"] == "engine_overloaded"
+                    await second.close()
+                    await first.close()
+
+            asyncio.run(run())
+            wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, what="both requests to leave")
+            text = scrape(url)
+            assert metric(text, "memdec_fast_requests_total", 'outcome="overloaded"') == 1
+            assert metric(text, "memdec_fast_requests_total", 'outcome="cancelled"') == 2
+            # a slot is free again
+            res = client(url).completions.create(model=MODEL, prompt="the fox", max_tokens=3, temperature=0)
+            assert res.choices[0].finish_reason == "length"
+    finally:
+        engine.close(timeout=10)
+
+
+def test_models_health_and_metrics(real):
+    url, engine, _ = real
+    models = client(url).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
+    before = scrape(url)
+    res = client(url).completions.create(model=MODEL, prompt="the lazy dog", max_tokens=5, temperature=0)
+    text = scrape(url)
+    for name in ("requests_total", "prompt_tokens_total", "generation_tokens_total"):
+        assert f"# TYPE memdec_fast_{name} counter" in text
+    for name in ("num_requests_waiting", "num_requests_running"):
+        assert f"# TYPE memdec_fast_{name} gauge" in text
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert f"# TYPE memdec_fast_{name} histogram" in text
+        assert f'memdec_fast_{name}_bucket{{le="+Inf"}}' in text
+
+    def delta(name, labels=""):
+        return metric(text, name, labels) - metric(before, name, labels)
+
+    assert delta("memdec_fast_requests_total", 'outcome="success"') == 1
+    assert delta("memdec_fast_prompt_tokens_total") == res.usage.prompt_tokens
+    assert delta("memdec_fast_generation_tokens_total") == res.usage.completion_tokens == 5
+    assert delta("memdec_fast_time_to_first_token_seconds_count") == 1
+    assert delta("memdec_fast_time_per_output_token_seconds_count") == 4
+    assert metric(text, "memdec_fast_num_requests_running") == engine.num_running == 0
+    try:  # the official parser reads it, where it is installed
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        return
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["memdec_fast_time_to_first_token_seconds"].type == "histogram"
+
+
+def _serve_process(pair, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`memdec-fast serve` as a process on an ephemeral port; returns it and its base URL once it serves."""
+    env = os.environ | {"PYTHONPATH": str(Path(memdec_fast.__file__).parents[1])}
+    out = tmp_path / "stdout"
+    cmd = [sys.executable, "-m", "memdec_fast.server.cli", "serve", "--base", str(pair[0]), "--memory", str(pair[1]),
+           "--device", "cpu", "--port", "0", "--json", "--log-level", "warning", *flags]
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 90
+    while not out.read_text().strip():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.1)
+    return proc, json.loads(out.read_text().splitlines()[0])["url"].removesuffix("/v1")
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(pair, tmp_path):
+    proc, url = _serve_process(pair, tmp_path, "--drain-timeout", "60")
+    try:
+        body = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 400, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        events: list[str] = []
+        first = threading.Event()
+
+        def read():
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
+                for line in r.iter_lines():
+                    if line:
+                        events.append(line)
+                        first.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert first.wait(60), "no first token"
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refused(url), 20, "new connections to be refused")
+        reader.join(90)
+        assert not reader.is_alive()
+        assert proc.wait(60) == 0
+        assert events[-1] == "data: [DONE]"
+        usage = json.loads(events[-2].removeprefix("data: "))["usage"]
+        assert usage["completion_tokens"] == 400  # the request in flight ran to its end
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_serve_bad_arguments_exit_2_before_loading(tmp_path, capsys, monkeypatch):
+    from memdec_fast.server import cli as serve_cli
+
+    def fail(*_):
+        raise AssertionError("models loaded")
+
+    monkeypatch.setattr(serve_cli, "_load_engine", fail)
+
+    def run(argv: list[str]) -> int:
+        try:
+            return serve_cli.main(["serve", *argv])
+        except SystemExit as stop:  # argparse's own exits
+            return stop.code
+
+    for flags in (["--port", "70000"], ["--port", "x"], ["--max-batch", "0"], ["--max-queue", "-1"],
+                  ["--drain-timeout", "-1"], ["--lmbda", "2"], ["--dtype", "float8"], ["--host", "no.such.host."]):
+        assert run(flags) == 2, flags
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "error" in err, (flags, err)
+    with _bound_port() as port:  # a port in use fails before any model loads
+        assert run(["--port", str(port)]) == 2
+        assert "cannot bind" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def _bound_port():
+    sock = _bind("127.0.0.1", 0)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()

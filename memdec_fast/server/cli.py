@@ -19,7 +19,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-__all__ = ["register", "cmd_serve"]
+__all__ = ["cmd_serve", "register"]
 
 
 def _port(text: str) -> int:
@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def run() -> None:
         try:
             server.run(sockets=[sock])
-        except BaseException as err:  # SystemExit from a failed startup included
+        except BaseException as err:  # noqa: BLE001 (reported below; SystemExit from a failed startup included)
             failure.append(err)
 
     engine.start()

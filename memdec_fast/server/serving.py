@@ -152,7 +152,7 @@ class CompletionServing:
         try:
             for i, prompt in enumerate(req.prompts()):
                 streams.append(self.engine.stream(prompt, request_id=f"{cid}-{i}", **sampling))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 (api_error maps it; unknown ones become a 500 and a log line)
             for s in streams:
                 self._spawn(_aclose(s))
                 self.metrics.request_done("cancelled")
@@ -189,7 +189,7 @@ class CompletionServing:
             queue.put_nowait((index, None))
         except asyncio.CancelledError:
             raise
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 (handed to the response, which maps it)
             outcome = _outcome(err)
             queue.put_nowait((index, err))
         finally:
