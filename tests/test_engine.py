@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import save_gpt2
+from conftest import build_tokenizer, save_gpt2
 
 from memdec_fast import JointGenerator
 from memdec_fast.engine import Engine, EngineClosed, EngineOverloaded, RequestFailed, RequestOutput, StreamDelta
@@ -118,13 +118,20 @@ def test_seeded_requests_reproduce_and_equal_generate_alone(engines, refs):
     assert len(outs[1].token_ids) == 10
 
 
-def test_stop_token_id_finishes_with_stop(engines, refs):
+def test_stop_token_id_finishes_with_stop_and_eos_with_eos(engines, refs, ckpts):
     engine, ref = engines["decoder"], refs["decoder"]
     greedy = ref.generate(PROMPTS[0], max_new_tokens=8).token_ids[0]
     stop_id = greedy[3]
     out = engine.submit(PROMPTS[0], max_new_tokens=8, stop=[stop_id]).result(WAIT)
     assert out.token_ids == greedy[: greedy.index(stop_id) + 1]
     assert out.finish_reason == "stop"
+    tok = build_tokenizer()
+    tok.eos_token = tok.convert_ids_to_tokens(stop_id)  # a tokenizer whose EOS the models emit
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4, knn_temp=0.8, tokenizer=tok)
+    with Engine(gen, max_batch=2) as eos_engine:
+        out = eos_engine.submit(PROMPTS[0], max_new_tokens=8).result(WAIT)
+    assert out.finish_reason == "eos"
+    assert_equals_alone(out, gen, PROMPTS[0], max_new_tokens=8)
 
 
 # -- async API -----------------------------------------------------------------------------------
