@@ -13,6 +13,31 @@ EvalData = str | os.PathLike | Sequence[str] | Sequence[int] | torch.Tensor | np
 """A text file path, a string, a list of strings, or a 1-D sequence of token ids."""
 
 _LINES_PER_CALL = 4096
+_FILE_SUFFIXES = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".md", ".raw", ".tokens")
+
+
+def check_data(data: EvalData) -> None:
+    """Refuse a string that names a path which is not a readable file, before any model loads.
+
+    A string is text to score unless it names an existing file. One that looks
+    like a path (a single line ending in a file suffix such as .txt, or holding a
+    path separator and no spaces) but names no file raises FileNotFoundError, so
+    that a typo in a file name is not scored as text. A directory raises
+    IsADirectoryError. To score such a string as text, pass it in a list: [text].
+    """
+    if not isinstance(data, (str, os.PathLike)):
+        return
+    path = os.fspath(data)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"data: {path} is a directory, not a text file")
+    if os.path.isfile(path):
+        return
+    if not isinstance(data, str):
+        raise FileNotFoundError(f"data: no such file: {path}")
+    single_line = "\n" not in data and len(data) < 4096
+    looks_like_path = data.lower().endswith(_FILE_SUFFIXES) or (os.sep in data and not any(c.isspace() for c in data))
+    if single_line and looks_like_path:
+        raise FileNotFoundError(f"data: no such file: {data} (to score this string as text, pass it as [text])")
 
 
 def load_tokens(data: EvalData, tokenizer) -> torch.Tensor:
@@ -22,7 +47,8 @@ def load_tokens(data: EvalData, tokenizer) -> torch.Tensor:
     ----------
     data : str, path, list of str, or 1-D ints (list, numpy array or tensor)
         A path (a ``Path``, or a string naming an existing file) is read as
-        UTF-8 and tokenized line by line, each line with its ``\\n``, the way
+        UTF-8 and tokenized line by line (a string that looks like a path but names
+        no file raises, see :func:`check_data`), each line with its ``\\n``, the way
         upstream tokenizes the rows of a ``datasets`` text split: a file holding
         ``"".join(rows)`` gives the same ids. Any other string is tokenized
         whole. The strings of a list are tokenized one by one and concatenated
@@ -44,6 +70,7 @@ def load_tokens(data: EvalData, tokenizer) -> torch.Tensor:
         if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise ValueError(f"data: token ids must be a 1-D integer sequence, got {ids.dtype} of shape {list(ids.shape)}")
         return ids.to(device="cpu", dtype=torch.int64)
+    check_data(data)
     if isinstance(data, os.PathLike) or (isinstance(data, str) and os.path.isfile(data)):
         return _tokenize(_read_lines(Path(data)), tokenizer)
     if isinstance(data, str):
@@ -59,8 +86,11 @@ def load_tokens(data: EvalData, tokenizer) -> torch.Tensor:
 
 def _read_lines(path: Path) -> list[str]:
     # newline="\n": split on "\n" only and keep it, so lines are the rows that were joined
-    with open(path, encoding="utf-8", newline="\n") as f:
-        return list(f)
+    try:
+        with open(path, encoding="utf-8", newline="\n") as f:
+            return list(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from err
 
 
 def _tokenize(texts: list[str], tokenizer) -> torch.Tensor:

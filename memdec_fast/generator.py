@@ -28,6 +28,7 @@ from memdec_fast.generation.requests import (
     encode_prompts,
     left_pad,
     parse_stop,
+    refuse_bytes,
     sampling_params,
     select_rows,
 )
@@ -434,6 +435,7 @@ class JointGenerator:
         >>> for piece in gen.stream("Once upon a time", max_new_tokens=50):
         ...     print(piece, end="", flush=True)
         """
+        refuse_bytes("prompt", prompt)
         one_prompt = isinstance(prompt, str) or (
             isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt))
         if not one_prompt:

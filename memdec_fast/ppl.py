@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from memdec_fast import ops
-from memdec_fast.eval_data import EvalData, load_tokens
+from memdec_fast.eval_data import EvalData, check_data, load_tokens
+from memdec_fast.models.checkpoint import mixing_defaults
 
 __all__ = ["PerplexityResult", "perplexity", "plan_windows"]
 
@@ -183,10 +184,10 @@ def perplexity(
     base,
     memory,
     data: EvalData,
-    lmbda: float | Sequence[float] = 0.55,
-    knn_temp: float = 1.0,
-    block_size: int = 1024,
-    stride: int = 512,
+    lmbda: float | Sequence[float] | None = None,
+    knn_temp: float | None = None,
+    block_size: int | None = None,
+    stride: int | None = None,
     memory_type: str = "auto",
     batch_size: int | None = None,
     device: torch.device | str | None = None,
@@ -211,13 +212,15 @@ def perplexity(
         The memory (Memory Decoder or MLP Memory), as a path or hub name, or loaded.
     data : path, str, list of str, or 1-D token ids
         See :func:`memdec_fast.eval_data.load_tokens`.
-    lmbda : float or list of float
-        Weight(s) of the memory in the mixture, each in [0, 1].
-    knn_temp : float
-        Softmax temperature of the memory.
-    block_size, stride : int
+    lmbda : float or list of float, optional
+        Weight(s) of the memory in the mixture, each in [0, 1]. Default: the value
+        stored with the memory (memdec_config.json), else 0.55.
+    knn_temp : float, optional
+        Softmax temperature of the memory; default as for lmbda, else 1.0.
+    block_size, stride : int, optional
         Window length and step of the sliding-window protocol (module docstring);
-        0 < stride < block_size <= the model's context.
+        0 < stride < block_size <= the model's context. Defaults: the model's
+        context (at most 1024) and half the block size.
     memory_type : {"auto", "decoder", "mlp"}
     batch_size : int, optional
         Windows per forward; default 1 on the CPU (memory-bound), 8 on CUDA.
@@ -237,16 +240,27 @@ def perplexity(
     >>> r = perplexity("gpt2", "Clover-Hill/MemoryDecoder-gpt2-small", "wiki.test.txt", lmbda=[0.25, 0.55])
     >>> r.base_ppl, r.joint_ppl[0.55]
     """
+    if not hasattr(base, "score_logits"):
+        lmbda, knn_temp = mixing_defaults(memory, lmbda, knn_temp)
+    elif lmbda is None or knn_temp is None:
+        lmbda = base.lmbda if lmbda is None else lmbda
+        knn_temp = base.knn_temp if knn_temp is None else knn_temp
     lmbdas = _check_lmbdas(lmbda)
-    if not isinstance(knn_temp, (int, float)) or not knn_temp > 0:
+    if isinstance(knn_temp, bool) or not isinstance(knn_temp, (int, float)) or not knn_temp > 0:
         raise ValueError(f"knn_temp: {knn_temp!r} must be > 0")
-    if not 0 < stride < block_size:
+    for name, v in (("block_size", block_size), ("stride", stride), ("batch_size", batch_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name}: {v!r} must be an int >= 1")
+    if block_size is not None and stride is not None and not stride < block_size:
         raise ValueError(f"stride: {stride} must lie in [1, block_size) = [1, {block_size})")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size} must be >= 1")
+    check_data(data)
     gen = _scorer(base, memory, memory_type, lmbdas[0], knn_temp, device, dtype, tokenizer)
+    block_size = block_size or min(1024, gen.max_context)
+    stride = stride or max(1, block_size // 2)
     if block_size > gen.max_context:
         raise ValueError(f"block_size: {block_size} exceeds the model's context of {gen.max_context} tokens")
+    if not stride < block_size:
+        raise ValueError(f"stride: {stride} must lie in [1, block_size) = [1, {block_size})")
     tokens = load_tokens(data, gen.tokenizer)
     vocab = len(gen.tokenizer)
     if tokens.numel() < 2:

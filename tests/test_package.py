@@ -6,6 +6,7 @@ import importlib.util
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import memdec_fast
 
@@ -35,9 +36,10 @@ def test_lazy_names_survive_their_modules_being_imported():
         assert r.returncode == 0, f"{name}: {r.stderr}"
 
 
-def test_perplexity_called_twice_in_one_process(demo_pair):
+def test_perplexity_called_twice_in_one_process():
     # the README's snippet run twice, as in a notebook; the second time through `from memdec_fast import ...`
-    base, memory = demo_pair
+    demo = Path(memdec_fast.__file__).parent / "data" / "demo"
+    base, memory = str(demo / "base"), str(demo / "memory")
     r = _run(f"""
         import memdec_fast
         text = "Olga Hill lives in Llequa. " * 20

@@ -65,7 +65,7 @@ def resolve_temperature(temperature, do_sample: bool | None):
     if do_sample is None:
         return 0.0 if temperature is None else temperature
     if not isinstance(do_sample, bool):
-        raise ValueError(f"do_sample: expected True or False, got {do_sample!r}")
+        raise ValueError(f"do_sample: expected True or False, got {do_sample!r}")  # noqa: TRY004
     if not do_sample:
         return 0.0
     if temperature is None:

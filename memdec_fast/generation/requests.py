@@ -14,7 +14,7 @@ Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.
 
 def encode_prompts(prompts: Prompts, tokenizer, vocab: int) -> list[list[int]]:
     """Token ids of each prompt; raises ValueError for bytes, empty prompts or ids outside [0, vocab)."""
-    _refuse_bytes("prompts", prompts)
+    refuse_bytes("prompts", prompts)
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() not in (1, 2) or prompts.is_floating_point():
             raise ValueError(f"input_ids: expected an integer tensor [B, T], got {prompts.dtype} {list(prompts.shape)}")
@@ -27,7 +27,7 @@ def encode_prompts(prompts: Prompts, tokenizer, vocab: int) -> list[list[int]]:
         raise ValueError("prompts: expected a string, a list of strings or token ids; got an empty batch")
     rows = []
     for i, p in enumerate(prompts):
-        _refuse_bytes(f"prompts[{i}]", p)
+        refuse_bytes(f"prompts[{i}]", p)
         # verbose=False: a prompt past the model's context gets our own "prompt too long" error, not a tokenizer warning
         ids = tokenizer.encode(p, add_special_tokens=False, verbose=False) if isinstance(p, str) else list(p)
         if not ids:
@@ -69,11 +69,11 @@ def parse_stop(stop: int | str | Sequence[int | str] | None, tokenizer, vocab: i
     ids = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
     if stop is None:
         return ids, []
-    _refuse_bytes("stop", stop)
+    refuse_bytes("stop", stop)
     items = [stop] if isinstance(stop, (int, str)) else list(stop)
     strings = []
     for s in items:
-        _refuse_bytes("stop", s)
+        refuse_bytes("stop", s)
         if isinstance(s, str) and s:
             strings.append(s)
         elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab:
@@ -83,10 +83,11 @@ def parse_stop(stop: int | str | Sequence[int | str] | None, tokenizer, vocab: i
     return ids, strings
 
 
-def _refuse_bytes(name: str, value) -> None:
-    # bytes are a sequence of ints, and would silently pass as token ids
+def refuse_bytes(name: str, value) -> None:
+    """ValueError for bytes, which are a sequence of ints and would otherwise pass as token ids."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        raise ValueError(f"{name}: got bytes; pass text as str (e.g. value.decode('utf-8')) or token ids as a list of ints")
+        raise ValueError(  # noqa: TRY004 - a bad argument value, reported like every other
+            f"{name}: got bytes; pass text as str (e.g. value.decode('utf-8')) or token ids as a list of ints")
 
 
 def check_request(max_new_tokens: int, seed: int | None) -> None:

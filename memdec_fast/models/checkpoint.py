@@ -142,7 +142,7 @@ def weight_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                shapes |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         except Exception as err:
             raise ValueError(f"{path}: corrupt checkpoint ({type(err).__name__}: {err})") from err
     return shapes
