@@ -1,8 +1,12 @@
 // The per-element math of the two-model mixture, shared by the CPU and CUDA
 // kernels so that both compute the same function:
 //
-//   log p_i = logaddexp(log(1 - lmbda) + b_i / base_temp - lse_b,
-//                       log(lmbda)     + m_i / knn_temp  - lse_m)
+//   log p_i = logaddexp(log(1 - lmbda) + (b_i - max b) / base_temp - lse_b,
+//                       log(lmbda)     + (m_i - max m) / knn_temp  - lse_m)
+//
+// with lse over the shifted, scaled logits. Shifting by the raw max before
+// scaling keeps every step finite for any temperature and any float32 logit:
+// the largest logit maps to exactly 0, so each lse lies in [0, log V].
 #pragma once
 
 #include <cmath>
@@ -32,6 +36,7 @@ MDF_HD RowParams LoadRowParams(const float* table, int64_t row, const RowParams&
 
 MDF_HD float NegInf() { return -INFINITY; }  // macros, not numeric_limits: usable in device code as is
 MDF_HD float QuietNaN() { return NAN; }
+MDF_HD bool IsFinite(float x) { return x - x == 0.0f; }
 
 MDF_HD float LogAddExp(float a, float b) {
   const float hi = a > b ? a : b, lo = a > b ? b : a;
@@ -39,63 +44,88 @@ MDF_HD float LogAddExp(float a, float b) {
   return hi + log1pf(expf(lo - hi));
 }
 
-// Running max and sum of exp(x - max) of one model's scaled logits (online softmax).
-// NaN or +inf inputs turn the sum into NaN; an all -inf row leaves max at -inf.
+// 1 / temperature of one model's row, as (x - max) / temp is computed from it.
+struct InvTemp {
+  float inv2;   // 2 / temp
+  float temp;
+  bool divide;  // 2 / temp overflows: a subnormal temp (or one that rounded to 0)
+};
+
+MDF_HD InvTemp MakeInvTemp(float temp) {
+  const float inv2 = 2.0f / temp;
+  return InvTemp{inv2, temp, !IsFinite(inv2)};
+}
+
+// (x - max) / temp for x <= max. The halves cannot overflow where x - max
+// could (logits spanning more than FLT_MAX); x == max gives exactly 0 and
+// x == -inf gives -inf for every temp in [0, FLT_MAX], never 0 * inf.
+MDF_HD float ScaledDiff(float x, float max, const InvTemp& t) {
+  const float d = 0.5f * x - 0.5f * max;
+  if (!t.divide) return d * t.inv2;
+  return d == 0.0f ? 0.0f : d / t.temp * 2.0f;
+}
+
+// Running max of the raw logits and sum of exp((x - max) / temp) of one model's
+// row (online softmax). NaN or +inf inputs turn the sum into NaN (or leave the
+// max at +inf); an all -inf row leaves the max at -inf.
 struct MaxSum {
   float max, sum;
 };
 
 MDF_HD MaxSum MaxSumIdentity() { return MaxSum{NegInf(), 0.0f}; }
 
-MDF_HD MaxSum MaxSumAdd(MaxSum s, float x) {
+MDF_HD MaxSum MaxSumAdd(MaxSum s, float x, const InvTemp& t) {
   if (x == NegInf()) return s;  // a masked token adds nothing
   if (x > s.max) {
-    s.sum = s.sum * expf(s.max - x) + 1.0f;
+    s.sum = s.sum * expf(ScaledDiff(s.max, x, t)) + 1.0f;
     s.max = x;
   } else {
-    s.sum += expf(x - s.max);  // NaN, or inf - inf, poisons the sum
+    s.sum += expf(ScaledDiff(x, s.max, t));  // NaN, or inf - inf, poisons the sum
   }
   return s;
 }
 
-MDF_HD MaxSum MaxSumMerge(MaxSum a, MaxSum b) {
+MDF_HD MaxSum MaxSumMerge(MaxSum a, MaxSum b, const InvTemp& t) {
   if (a.max == NegInf()) return MaxSum{b.max, b.sum + a.sum};
   if (b.max == NegInf()) return MaxSum{a.max, a.sum + b.sum};
   const float m = a.max > b.max ? a.max : b.max;
-  return MaxSum{m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+  return MaxSum{m, a.sum * expf(ScaledDiff(a.max, m, t)) + b.sum * expf(ScaledDiff(b.max, m, t))};
 }
 
-// log-sum-exp; non-finite for an invalid row.
-MDF_HD float LogSumExp(MaxSum s) { return s.max + logf(s.sum); }
-
-MDF_HD bool IsFinite(float x) { return x - x == 0.0f; }
+// log of the sum of exp((x - max) / temp); non-finite for an invalid row
+// (NaN, +inf, or all -inf logits).
+MDF_HD float ShiftedLogSumExp(MaxSum s) { return IsFinite(s.max) ? logf(s.sum) : QuietNaN(); }
 
 // Per-row constants of the mixture, built once from both models' statistics.
 struct Mixture {
-  float inv_base_temp, inv_knn_temp;
+  InvTemp base_t, mem_t;
+  float base_max, mem_max;      // raw logits
   float base_shift, mem_shift;  // log(1 - lmbda) - lse_b, log(lmbda) - lse_m
-  float lse_base, lse_mem;      // of the scaled logits
+  float lse_base, lse_mem;      // of the shifted, scaled logits
   bool use_base, use_mem;       // weight > 0
   bool base_ok, mem_ok;         // finite log-sum-exp
   bool valid;                   // every used model is valid
 
   // log p_i from one base and one memory logit.
   MDF_HD float LogProb(float b, float m) const {
-    const float xb = use_base ? b * inv_base_temp + base_shift : NegInf();
-    const float xm = use_mem ? m * inv_knn_temp + mem_shift : NegInf();
+    const float xb = use_base ? ScaledDiff(b, base_max, base_t) + base_shift : NegInf();
+    const float xm = use_mem ? ScaledDiff(m, mem_max, mem_t) + mem_shift : NegInf();
     return LogAddExp(xb, xm);
   }
-  MDF_HD float BaseLogProb(float b) const { return base_ok ? b * inv_base_temp - lse_base : QuietNaN(); }
-  MDF_HD float MemLogProb(float m) const { return mem_ok ? m * inv_knn_temp - lse_mem : QuietNaN(); }
+  MDF_HD float BaseLogProb(float b) const { return base_ok ? ScaledDiff(b, base_max, base_t) - lse_base : QuietNaN(); }
+  MDF_HD float MemLogProb(float m) const { return mem_ok ? ScaledDiff(m, mem_max, mem_t) - lse_mem : QuietNaN(); }
 };
 
-// `base_stats` and `mem_stats` are MaxSum over b_i / base_temp and m_i / knn_temp.
+// `base_stats` and `mem_stats` are MaxSum over the raw b_i and m_i with the
+// row's temperatures.
 MDF_HD Mixture MakeMixture(const RowParams& p, MaxSum base_stats, MaxSum mem_stats) {
   Mixture mix;
-  mix.inv_base_temp = 1.0f / p.base_temp;
-  mix.inv_knn_temp = 1.0f / p.knn_temp;
-  mix.lse_base = LogSumExp(base_stats);
-  mix.lse_mem = LogSumExp(mem_stats);
+  mix.base_t = MakeInvTemp(p.base_temp);
+  mix.mem_t = MakeInvTemp(p.knn_temp);
+  mix.base_max = base_stats.max;
+  mix.mem_max = mem_stats.max;
+  mix.lse_base = ShiftedLogSumExp(base_stats);
+  mix.lse_mem = ShiftedLogSumExp(mem_stats);
   mix.base_ok = IsFinite(mix.lse_base);
   mix.mem_ok = IsFinite(mix.lse_mem);
   mix.use_base = p.lmbda < 1.0f;

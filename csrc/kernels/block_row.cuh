@@ -31,8 +31,9 @@ struct PairStats {
 };
 
 struct MergePairStats {
+  InvTemp base_t, mem_t;
   __device__ __forceinline__ PairStats operator()(const PairStats& a, const PairStats& b) const {
-    return PairStats{MaxSumMerge(a.base, b.base), MaxSumMerge(a.mem, b.mem)};
+    return PairStats{MaxSumMerge(a.base, b.base, base_t), MaxSumMerge(a.mem, b.mem, mem_t)};
   }
 };
 
@@ -59,13 +60,13 @@ struct AddFloat {
 // thread gets the same result.
 template <typename TB, typename TM>
 __device__ Mixture BlockMixture(const RowPtrs<TB, TM>& row, int vocab, const RowParams& p) {
-  const float inv_b = 1.0f / p.base_temp, inv_m = 1.0f / p.knn_temp;
+  const InvTemp tb = MakeInvTemp(p.base_temp), tm = MakeInvTemp(p.knn_temp);
   PairStats s{MaxSumIdentity(), MaxSumIdentity()};
   for (int i = threadIdx.x; i < vocab; i += kThreads) {
-    s.base = MaxSumAdd(s.base, row.B(i) * inv_b);
-    s.mem = MaxSumAdd(s.mem, row.M(i) * inv_m);
+    s.base = MaxSumAdd(s.base, row.B(i), tb);
+    s.mem = MaxSumAdd(s.mem, row.M(i), tm);
   }
-  const PairStats total = BlockAllReduce(s, MergePairStats{});
+  const PairStats total = BlockAllReduce(s, MergePairStats{tb, tm});
   return MakeMixture(p, total.base, total.mem);
 }
 
