@@ -64,6 +64,7 @@ at::Tensor joint_logprobs_cpu(const at::Tensor& base_logits, const at::Tensor& m
 std::tuple<at::Tensor, at::Tensor, at::Tensor> target_logprobs_cpu(
     const at::Tensor& base_logits, const at::Tensor& mem_logits, const at::Tensor& targets,
     const c10::optional<at::Tensor>& row_params, double lmbda, double knn_temp, double base_temp) {
+  check_devices(base_logits, mem_logits, row_params, &targets);
   const OpArgs a = prepare_args(base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp);
   check_targets(targets, base_logits);
   const at::Tensor tgt = targets.contiguous();

@@ -13,8 +13,8 @@ namespace {
 at::Tensor joint_logprobs_cuda(const at::Tensor& base_logits, const at::Tensor& mem_logits,
                                const c10::optional<at::Tensor>& row_params, double lmbda, double knn_temp,
                                double base_temp) {
-  const c10::cuda::CUDAGuard guard(base_logits.device());
   const OpArgs a = prepare_args(base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp);
+  const c10::cuda::CUDAGuard guard(base_logits.device());  // after the checks: the logits may be on the CPU
   at::Tensor out = at::empty(a.base.sizes(), a.base.options().dtype(at::kFloat));  // [B, V]
   if (a.rows() == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -29,9 +29,10 @@ at::Tensor joint_logprobs_cuda(const at::Tensor& base_logits, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> target_logprobs_cuda(
     const at::Tensor& base_logits, const at::Tensor& mem_logits, const at::Tensor& targets,
     const c10::optional<at::Tensor>& row_params, double lmbda, double knn_temp, double base_temp) {
-  const c10::cuda::CUDAGuard guard(base_logits.device());
+  check_devices(base_logits, mem_logits, row_params, &targets);
   const OpArgs a = prepare_args(base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp);
   check_targets(targets, base_logits);
+  const c10::cuda::CUDAGuard guard(base_logits.device());
   const at::Tensor tgt = targets.contiguous();
   at::Tensor joint = at::empty({a.rows()}, a.base.options().dtype(at::kFloat));  // [N]
   at::Tensor lp_base = at::empty_like(joint), lp_mem = at::empty_like(joint);

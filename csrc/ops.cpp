@@ -32,4 +32,8 @@ TORCH_LIBRARY(memdec_fast, m) {
   m.def("build_info() -> str", &build_info);
 }
 
+// sample is not differentiable: its outputs never require grad. Without this
+// the autograd fallback would mark them requires_grad with no backward.
+TORCH_LIBRARY_IMPL(memdec_fast, Autograd, m) { m.impl("sample", torch::CppFunction::makeFallthrough()); }
+
 }  // namespace memdec_fast

@@ -108,6 +108,8 @@ void SampleRow(const TB* b, const TM* m, int64_t vocab, const RowParams& p, uint
 
 // Draws this call's Philox seed from a CPU torch.Generator (mt19937).
 uint64_t DrawSeed(const c10::optional<at::Generator>& generator) {
+  TORCH_CHECK_VALUE(!generator.has_value() || !generator->defined() || generator->device().is_cpu(),
+                    "generator: on ", generator->device(), ", but the logits are on cpu");
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
   return gen->random64();

@@ -42,9 +42,9 @@ std::tuple<at::Tensor, at::Tensor> sample_cuda(const at::Tensor& base_logits, co
                                                double knn_temp, double base_temp, double temperature, int64_t top_k,
                                                double top_p, double min_p,
                                                const c10::optional<at::Generator>& generator) {
-  const c10::cuda::CUDAGuard guard(base_logits.device());
   const OpArgs a = prepare_args(base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp, temperature, top_k,
                                 top_p, min_p);
+  const c10::cuda::CUDAGuard guard(base_logits.device());  // after the checks: the logits may be on the CPU
   at::Tensor tokens = at::empty({a.rows()}, a.base.options().dtype(at::kLong));    // [B]
   at::Tensor logprobs = at::empty({a.rows()}, a.base.options().dtype(at::kFloat));  // [B]
   if (a.rows() == 0) return {tokens, logprobs};
