@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from memdec_fast import reference
-from memdec_fast.params import Param, check_logits, check_params, check_targets
+from memdec_fast.params import Param, check_devices, check_logits, check_params, check_targets
 
 _LOAD_ERROR: Exception | None = None
 try:
@@ -74,7 +74,13 @@ def pack_row_params(rows: int, device: torch.device | str, **values: Param) -> t
 
     Columns follow :data:`ROW_PARAM_COLUMNS`; missing ones take their defaults
     (lmbda defaults to 0). top_k is stored as a float, exact up to 2**24.
+    Values are not checked (this is the hot path); names are: an unknown one
+    raises TypeError.
     """
+    unknown = [name for name in values if name not in _DEFAULTS]
+    if unknown:
+        raise TypeError(f"pack_row_params: unknown parameter {unknown[0]!r}; the parameters are "
+                        f"{', '.join(ROW_PARAM_COLUMNS)}")
     out = torch.empty((rows, len(ROW_PARAM_COLUMNS)), dtype=torch.float32, device=device)
     for col, name in enumerate(ROW_PARAM_COLUMNS):
         value = values.get(name, _DEFAULTS[name])
@@ -246,6 +252,7 @@ def sample_rows(
     and never synchronises. Requires the compiled extension.
     """
     require_compiled()
+    check_devices(base_logits, mem_logits=mem_logits, row_params=row_params)
     return tuple(
         torch.ops.memdec_fast.sample.default(base_logits, mem_logits, row_params, 0.0, 1.0, 1.0, 1.0, 0, 1.0, 0.0, generator)
     )
@@ -259,23 +266,82 @@ def _scalar(values: dict[str, Param], name: str) -> float | int:
     return int(v) if name == "top_k" else float(v)
 
 
+def _check_fake(base_logits, mem_logits, row_params, targets=None) -> None:
+    """The fake kernels' checks. The Meta kernel also runs when any input is a meta tensor
+    and the others are not: it must refuse to allocate then, not hand out garbage."""
+    check_devices(base_logits, mem_logits=mem_logits, row_params=row_params, targets=targets)
+    torch._check(base_logits.dim() == 2 and base_logits.shape == mem_logits.shape)
+    if row_params is not None:
+        torch._check(row_params.shape == (base_logits.shape[0], len(ROW_PARAM_COLUMNS)))
+
+
+def _row_param_values(row_params: torch.Tensor | None, lmbda: float, knn_temp: float, base_temp: float):
+    """lmbda, knn_temp and base_temp as the kernel reads them: columns [B] of the table, or the scalars."""
+    if row_params is None:
+        return lmbda, knn_temp, base_temp
+    return row_params[:, 0], row_params[:, 1], row_params[:, 2]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor) or t is None]  # logits, [targets], row_params
+    ctx.save_for_backward(*tensors)
+    ctx.scalars = inputs[len(tensors):]
+
+
+def _input_grads(ctx, grads, row_params: torch.Tensor | None, row_params_index: int) -> tuple:
+    """(d base_logits, d mem_logits, d row_params) from mixture_vjp's gradients, None where not needed."""
+    d_base, d_mem, *d_params = grads
+    d_rp = None
+    if row_params is not None and ctx.needs_input_grad[row_params_index]:
+        d_rp = torch.zeros_like(row_params)
+        for col, d in enumerate(d_params):  # lmbda, knn_temp, base_temp: ROW_PARAM_COLUMNS[:3]
+            d_rp[:, col] = d
+    return (d_base if ctx.needs_input_grad[0] else None, d_mem if ctx.needs_input_grad[1] else None, d_rp)
+
+
+def _joint_logprobs_backward(ctx, grad):
+    base, mem, rp = ctx.saved_tensors
+    d_base, d_mem, d_rp = _input_grads(
+        ctx, reference.mixture_vjp(base, mem, *_row_param_values(rp, *ctx.scalars), grad), rp, 2)
+    return d_base, d_mem, d_rp, None, None, None
+
+
+def _target_logprobs_backward(ctx, grad_joint, grad_base, grad_mem):
+    base, mem, targets, rp = ctx.saved_tensors
+
+    def dense(g):  # [N] at the targets -> [N, V]
+        return torch.zeros(base.shape, dtype=g.dtype, device=g.device).scatter_(1, targets[:, None], g[:, None])
+
+    grads = reference.mixture_vjp(base, mem, *_row_param_values(rp, *ctx.scalars), dense(grad_joint),
+                                  dense(grad_base), dense(grad_mem))
+    d_base, d_mem, d_rp = _input_grads(ctx, grads, rp, 3)
+    return d_base, d_mem, None, d_rp, None, None, None
+
+
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("memdec_fast::joint_logprobs")
     def _joint_logprobs_fake(base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp):
-        torch._check(base_logits.dim() == 2 and base_logits.shape == mem_logits.shape)
+        _check_fake(base_logits, mem_logits, row_params)
         return base_logits.new_empty(base_logits.shape, dtype=torch.float32)
 
     @torch.library.register_fake("memdec_fast::target_logprobs")
     def _target_logprobs_fake(base_logits, mem_logits, targets, row_params, lmbda, knn_temp, base_temp):
-        torch._check(base_logits.dim() == 2 and base_logits.shape == mem_logits.shape)
-        torch._check(targets.shape[0] == base_logits.shape[0])
+        _check_fake(base_logits, mem_logits, row_params, targets)
+        torch._check(targets.shape == base_logits.shape[:1])
         return tuple(base_logits.new_empty(base_logits.shape[:1], dtype=torch.float32) for _ in range(3))
 
     @torch.library.register_fake("memdec_fast::sample")
     def _sample_fake(
         base_logits, mem_logits, row_params, lmbda, knn_temp, base_temp, temperature, top_k, top_p, min_p, generator
     ):
-        torch._check(base_logits.dim() == 2 and base_logits.shape == mem_logits.shape)
+        _check_fake(base_logits, mem_logits, row_params)
         rows = base_logits.shape[:1]
         return base_logits.new_empty(rows, dtype=torch.int64), base_logits.new_empty(rows, dtype=torch.float32)
+
+    # Gradients of the log-prob ops, for the logits and for a row_params table (lmbda and the two temperatures).
+    # sample is not differentiable: its outputs never require grad (csrc/ops.cpp).
+    torch.library.register_autograd("memdec_fast::joint_logprobs", _joint_logprobs_backward,
+                                    setup_context=_setup_context)
+    torch.library.register_autograd("memdec_fast::target_logprobs", _target_logprobs_backward,
+                                    setup_context=_setup_context)

@@ -15,12 +15,15 @@ Param = float | int | torch.Tensor
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+"""The largest temperature: the kernels apply temperatures in float32."""
+
 # name -> (lowest, highest, lowest allowed?, highest allowed?)
 _RANGES = {
     "lmbda": (0.0, 1.0, True, True),
-    "knn_temp": (0.0, math.inf, False, False),
-    "base_temp": (0.0, math.inf, False, False),
-    "temperature": (0.0, math.inf, True, False),
+    "knn_temp": (0.0, FLOAT32_MAX, False, True),
+    "base_temp": (0.0, FLOAT32_MAX, False, True),
+    "temperature": (0.0, FLOAT32_MAX, True, True),
     "top_k": (0, math.inf, True, False),
     "top_p": (0.0, 1.0, False, True),
     "min_p": (0.0, 1.0, True, True),
@@ -53,6 +56,8 @@ def check_params(rows: int, **params: Param) -> None:
                 raise ValueError(f"{name}: expected a number or a tensor of shape [{rows}], got shape {list(value.shape)}")
             if name == "top_k" and (value.is_floating_point() or value.is_complex()):
                 raise ValueError(f"{name}: expected an integer tensor, got {value.dtype}")
+            if value.is_meta:
+                raise ValueError(f"{name}: a meta tensor has no values to check")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name}: expected a number or a tensor, got {type(value).__name__}")  # noqa: TRY004
         elif name == "top_k" and not isinstance(value, int):
@@ -77,8 +82,19 @@ def check_logits(base_logits: torch.Tensor, mem_logits: torch.Tensor) -> None:
         raise ValueError(
             f"mem_logits: shape {list(mem_logits.shape)} does not match base_logits {list(base_logits.shape)}"
         )
-    if base_logits.device != mem_logits.device:
-        raise ValueError(f"mem_logits: on {mem_logits.device}, but base_logits is on {base_logits.device}")
+    check_devices(base_logits, mem_logits=mem_logits)
+
+
+def check_devices(base_logits: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Check that every given tensor is on the device of `base_logits` (None is skipped).
+
+    With mixed devices the dispatcher runs one device's kernel, the Meta one
+    included (which only allocates), for all of them: this catches it first.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != base_logits.device:
+            where = "base_logits is" if name == "mem_logits" else "the logits are"
+            raise ValueError(f"{name}: on {t.device}, but {where} on {base_logits.device}")
 
 
 def check_targets(targets: torch.Tensor, base_logits: torch.Tensor) -> None:
@@ -87,7 +103,6 @@ def check_targets(targets: torch.Tensor, base_logits: torch.Tensor) -> None:
         raise ValueError("targets: expected an int64 or int32 tensor")
     if targets.shape != base_logits.shape[:1]:
         raise ValueError(f"targets: expected shape [{base_logits.shape[0]}], got {list(targets.shape)}")
-    if targets.device != base_logits.device:
-        raise ValueError(f"targets: on {targets.device}, but the logits are on {base_logits.device}")
-    if targets.numel() and bool(((targets < 0) | (targets >= base_logits.shape[1])).any()):
+    check_devices(base_logits, targets=targets)
+    if targets.numel() and not targets.is_meta and bool(((targets < 0) | (targets >= base_logits.shape[1])).any()):
         raise ValueError(f"targets: ids must lie in [0, {base_logits.shape[1]})")

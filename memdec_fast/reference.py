@@ -23,7 +23,7 @@ import torch
 
 from memdec_fast.params import Param, check_logits, check_params, check_targets
 
-__all__ = ["component_logprobs", "joint_logprobs", "sample", "target_logprobs"]
+__all__ = ["component_logprobs", "joint_logprobs", "mixture_vjp", "sample", "target_logprobs"]
 
 
 def _column(x: Param, rows: int, device: torch.device) -> torch.Tensor:
@@ -38,17 +38,20 @@ def _log_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w > 0, torch.log(w.clamp_min(1e-300)), torch.full_like(w, -math.inf))
 
 
-def _masked_log_softmax(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """log_softmax of a row that contributes with `weight`; NaN for invalid rows.
+def _masked_log_softmax(logits: torch.Tensor, temp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits / temp) of a row that contributes with `weight`; NaN for invalid rows.
 
-    A row is invalid when it holds NaN or +inf, or is all -inf. Rows with zero
-    weight contribute nothing, so their validity does not matter: they give -inf.
+    Computed as (logits - max) / temp, which is finite for every temp > 0 where
+    logits / temp may overflow. A row is invalid when it holds NaN or +inf, or
+    is all -inf. Rows with zero weight contribute nothing, so their validity
+    does not matter: they give -inf.
     """
-    # logits: [B, V] float64, weight: [B, 1]
+    # logits: [B, V] float64, temp and weight: [B, 1]
     bad = torch.isnan(logits).any(-1, keepdim=True) | torch.isposinf(logits).any(-1, keepdim=True)
     bad |= torch.isneginf(logits).all(-1, keepdim=True)
     safe = torch.where(bad, torch.zeros_like(logits), logits)
-    out = torch.log_softmax(safe, dim=-1)
+    # the shift cancels in log_softmax, so it is a constant for autograd
+    out = torch.log_softmax((safe - safe.detach().amax(-1, keepdim=True)) / temp, dim=-1)
     out = torch.where(bad, torch.full_like(out, math.nan), out)
     return torch.where(weight > 0, out, torch.full_like(out, -math.inf))
 
@@ -69,8 +72,8 @@ def component_logprobs(
     dev = base_logits.device
     lm = _column(lmbda, rows, dev)
     ones = torch.ones_like(lm)
-    lp_base = _masked_log_softmax(base_logits.double() / _column(base_temp, rows, dev), ones)
-    lp_mem = _masked_log_softmax(mem_logits.double() / _column(knn_temp, rows, dev), ones)
+    lp_base = _masked_log_softmax(base_logits.double(), _column(base_temp, rows, dev), ones)
+    lp_mem = _masked_log_softmax(mem_logits.double(), _column(knn_temp, rows, dev), ones)
     joint = torch.logaddexp(
         torch.where(lm < 1, _log_weight(1 - lm) + lp_base, torch.full_like(lp_base, -math.inf)),
         torch.where(lm > 0, _log_weight(lm) + lp_mem, torch.full_like(lp_mem, -math.inf)),
@@ -124,13 +127,16 @@ def filtered_logits(
     Temperature, then top-k (ties with the k-th value kept), then top-p (a token
     is kept when the mass of the tokens strictly more likely than it is below
     top_p, so ties at the boundary are kept and the best token always is), then
-    min-p. Removed tokens are -inf. Rows with temperature 0 are left unscaled
-    (greedy rows are decided by argmax, not by these logits).
+    min-p. Removed tokens are -inf. Each row is shifted so that its max is 0,
+    which no filter or softmax notices. Rows with temperature 0 are left
+    unscaled (greedy rows are decided by argmax, not by these logits).
     """
     rows, vocab = logp.shape
     dev = logp.device
     temp = _column(temperature, rows, dev)
-    x = logp.double() / torch.where(temp > 0, temp, torch.ones_like(temp))
+    # (logp - max) / temperature: finite for every temperature > 0, where logp / temperature may overflow
+    x = logp.double()
+    x = (x - x.amax(-1, keepdim=True)) / torch.where(temp > 0, temp, torch.ones_like(temp))
     neg_inf = torch.full_like(x, -math.inf)
 
     k = _column(top_k, rows, dev).long().clamp(0, vocab)
@@ -194,3 +200,67 @@ def sample(
     chosen = logp.gather(1, tokens.clamp_min(0)[:, None]).squeeze(1)
     chosen = torch.where(bad, torch.full_like(chosen, math.nan), chosen)
     return tokens, chosen.float()
+
+
+def mixture_vjp(
+    base_logits: torch.Tensor,
+    mem_logits: torch.Tensor,
+    lmbda: Param,
+    knn_temp: Param,
+    base_temp: Param,
+    grad_joint: torch.Tensor,
+    grad_base: torch.Tensor | None = None,
+    grad_mem: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradient of log p, log p_base and log p_mem [B, V] (:func:`component_logprobs`), in closed form.
+
+    With upstream gradients g, g_b and g_m of the three, the models' shares of
+    each token w_b = (1 - lmbda) p_base / p and w_m = lmbda p_mem / p, and the
+    scaled logits s_b = (b - max b) / base_temp::
+
+        u_b = g * w_b + g_b
+        d base_logits = (u_b - p_base * sum(u_b)) / base_temp
+        d base_temp   = -sum((u_b - p_base * sum(u_b)) * s_b) / base_temp
+        d lmbda       = sum(g * (p_mem - p_base) / p)
+
+    and likewise for the memory with knn_temp. The compiled ops' backward.
+    Computed in float32 (float64 for float64 logits), from the logits as the
+    kernels scale them.
+
+    Returns
+    -------
+    (d base_logits, d mem_logits) : in the logits' dtypes, [B, V] each
+    (d lmbda, d knn_temp, d base_temp) : [B] each
+    """
+    ct = torch.float64 if base_logits.dtype == torch.float64 else torch.float32
+    rows, dev = base_logits.shape[0], base_logits.device
+    lm, tm, tb = (_column(v, rows, dev).to(ct) for v in (lmbda, knn_temp, base_temp))
+
+    def scaled(x: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+        x = x.to(ct)
+        return (0.5 * x - 0.5 * x.amax(-1, keepdim=True)) / temp * 2  # halves: x - max may overflow
+
+    sb, sm = scaled(base_logits, tb), scaled(mem_logits, tm)  # [B, V]
+    lpb, lpm = sb.log_softmax(-1), sm.log_softmax(-1)
+    log_wb = torch.where(lm < 1, torch.log1p(-lm) + lpb, -math.inf)  # log (1 - lmbda) p_base
+    log_wm = torch.where(lm > 0, torch.log(lm) + lpm, -math.inf)
+    logp = torch.logaddexp(log_wb, log_wm)
+    never = logp == -math.inf  # p = 0: no share, no gradient
+    g = grad_joint.to(ct)
+
+    def through_softmax(s, lp, u, temp):
+        total = u.sum(-1, keepdim=True)
+        gs = u - torch.where(total != 0, torch.exp(lp) * total, 0.0)  # an unused, invalid model stays 0
+        d_temp = -torch.where(s > -math.inf, gs * s, 0.0).sum(-1) / temp.squeeze(1)
+        return gs / temp, d_temp
+
+    u_b = g * torch.where(never, 0.0, torch.exp(log_wb - logp))
+    u_m = g * torch.where(never, 0.0, torch.exp(log_wm - logp))
+    if grad_base is not None:
+        u_b = u_b + grad_base.to(ct)
+    if grad_mem is not None:
+        u_m = u_m + grad_mem.to(ct)
+    d_base, d_base_temp = through_softmax(sb, lpb, u_b, tb)
+    d_mem, d_knn_temp = through_softmax(sm, lpm, u_m, tm)
+    d_lmbda = (g * torch.where(never, 0.0, torch.exp(lpm - logp) - torch.exp(lpb - logp))).sum(-1)
+    return d_base.to(base_logits.dtype), d_mem.to(mem_logits.dtype), d_lmbda, d_knn_temp, d_base_temp

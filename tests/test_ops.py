@@ -105,6 +105,81 @@ def test_target_logprobs_lambda_sweep_identity():
         torch.testing.assert_close(joint, swept, atol=1e-5, rtol=0)
 
 
+# ---------------------------------------------------------------- extreme parameters
+
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def extreme_inputs(case: str, device: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Valid inputs where logits / temp overflows float32 (or 1 / temp does), fresh each call."""
+    base, mem = sample_inputs(6, 301, device, strided=True, seed=int(torch.randint(0, 2**31, ())))
+    base, mem = base.clone(), mem.clone()
+    if case == "tiny_knn_temp":  # 1 / knn_temp overflows: the memory is one-hot at its max
+        return base, mem, {"lmbda": 0.5, "knn_temp": 1e-39}
+    if case == "knn_temp_below_float32":  # rounds to 0 in float32: the limit temp -> 0
+        return base, mem, {"lmbda": 0.3, "knn_temp": 1e-300, "base_temp": 1e-38}
+    if case == "huge_logit":  # 3e38 / 0.5 overflows
+        base[::2, 17] = 3e38
+        return base, mem, {"lmbda": 0.5, "base_temp": 0.5}
+    if case == "logits_spanning_float32":  # x - max overflows, (x - max) / temp does not
+        base[:, ::3] = -3e38
+        base[:, 5] = 3e38
+        base[:, 7] = 2.9e38
+        return base, mem, {"lmbda": 0.4, "base_temp": 1e38, "knn_temp": F32_MAX}
+    assert case == "per_row"  # the same through the row_params table
+    base[1, 3] = -3e38
+    base[1, 4] = 3e38
+    return base, mem, {"lmbda": per_row(6, 0.0, 1.0, device), "knn_temp": torch.tensor([1e-39, 1e-45, 1.0, 0.5, 1e38, 3e38],
+                                                                                       device=device),
+                       "base_temp": torch.tensor([0.5, 1e38, 1e-39, 1.0, 2.0, 0.1], device=device)}
+
+
+EXTREME = ["tiny_knn_temp", "knn_temp_below_float32", "huge_logit", "logits_spanning_float32", "per_row"]
+
+
+def assert_matches_float64(got: torch.Tensor, want: torch.Tensor) -> None:
+    """got equals the float64 `want` rounded to float32: finite in the same places, and close there."""
+    want32 = want.float().to(got.device)
+    finite = torch.isfinite(want32)
+    assert not torch.isnan(got).any(), "NaN where the float64 reference is a number"
+    assert torch.equal(torch.isfinite(got), finite)
+    assert torch.equal(got[~finite], want32[~finite])
+    if finite.any():
+        print(f"max error {(got.double() - want.to(got.device))[finite].abs().max():.3g}")
+    torch.testing.assert_close(got[finite].double(), want.to(got.device)[finite], atol=2e-5, rtol=2e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", EXTREME)
+def test_extreme_parameters_match_float64_reference(device, case):
+    base, mem, params = extreme_inputs(case, device)
+    joint, lp_base, lp_mem = reference.component_logprobs(base, mem, **params)
+    assert_matches_float64(ops.joint_logprobs(base, mem, **params), joint)
+
+    targets = torch.randint(0, base.shape[1], (base.shape[0],), device=device)
+    targets[::2] = base.argmax(-1)[::2]  # the max itself, where the scaled logit is 0
+    got = ops.target_logprobs(base, mem, targets, **params)
+    for g, w in zip(got, (joint, lp_base, lp_mem)):
+        assert_matches_float64(g, w.gather(1, targets[:, None]).squeeze(1))
+
+    tokens, logprobs = ops.sample(base, mem, **params, temperature=0.0)
+    assert torch.equal(joint.gather(1, tokens[:, None]).squeeze(1), joint.max(-1).values)
+    assert_matches_float64(logprobs, joint.gather(1, tokens[:, None]).squeeze(1))
+    gen = torch.Generator(device=device).manual_seed(0)
+    tokens, logprobs = ops.sample(base, mem, **params, temperature=0.9, top_p=0.95, generator=gen)
+    assert ((tokens >= 0) & (tokens < base.shape[1])).all()
+    assert_matches_float64(logprobs, joint.gather(1, tokens[:, None]).squeeze(1))
+
+
+def test_reference_tiny_temperature_is_the_limit():
+    # temp -> 0 puts all of a model's mass on its max; 1e-310 must give that, not logits / temp = inf
+    base, mem = sample_inputs(4, 50, "cpu")
+    joint = reference.component_logprobs(base, mem, 0.25, knn_temp=1e-310)[0]
+    one_hot = torch.full((4, 50), -math.inf, dtype=torch.float64).scatter(1, mem.argmax(-1, keepdim=True), 0.0)
+    want = torch.logaddexp(math.log(0.75) + torch.log_softmax(base.double(), -1), math.log(0.25) + one_hot)
+    torch.testing.assert_close(joint, want, atol=1e-12, rtol=0)
+
+
 # ---------------------------------------------------------------- greedy
 
 
@@ -231,6 +306,104 @@ def test_generator_advances_between_calls(device):
     assert not torch.equal(first, second)
 
 
+# ---------------------------------------------------------------- gradients
+
+
+def grad_inputs(device, dtype, per_row_params: bool, rows: int = 5, vocab: int = 37):
+    """Leaf logits (strided) and parameters requiring grad, and their float64 twins."""
+    base, mem = sample_inputs(rows, vocab, device, dtype, torch.float32, strided=True,
+                              seed=int(torch.randint(0, 2**31, ())))
+    base = base.detach().requires_grad_()
+    mem = mem.detach().requires_grad_()
+    if per_row_params:
+        params = {"lmbda": per_row(rows, 0.1, 0.9, device), "knn_temp": per_row(rows, 0.5, 2.0, device, seed=2),
+                  "base_temp": per_row(rows, 0.5, 2.0, device, seed=3)}
+        params = {k: v.requires_grad_() for k, v in params.items()}
+    else:
+        params = {"lmbda": 0.35, "knn_temp": 0.8, "base_temp": 1.7}
+    twins = [t.detach().double().requires_grad_() for t in (base, mem)]
+    twin_params = {k: v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) else v
+                   for k, v in params.items()}
+    return (base, mem, params), (*twins, twin_params)
+
+
+def leaves(base, mem, params):
+    return [base, mem, *(v for v in params.values() if isinstance(v, torch.Tensor))]
+
+
+def assert_grads_close(got, want, inputs) -> None:
+    """Each gradient in its input's dtype, within float32 (or bfloat16) rounding of the float64 one."""
+    for g, w, x in zip(got, want, inputs, strict=True):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        scale = w.abs().max().item()
+        err = (g.double() - w).abs().max().item()
+        print(f"grad max error {err:.3g} (scale {scale:.3g})")
+        tol = 1e-5 if g.dtype == torch.float32 else 8e-3
+        assert err <= tol * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_row_params", [False, True], ids=["scalars", "per_row"])
+def test_joint_logprobs_gradients_match_reference(device, dtype, per_row_params):
+    (base, mem, params), (b64, m64, p64) = grad_inputs(device, dtype, per_row_params)
+    out = ops.joint_logprobs(base, mem, **params)
+    assert out.requires_grad
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves(base, mem, params), upstream)
+    want_out = reference.component_logprobs(b64, m64, **p64)[0]
+    want = torch.autograd.grad(want_out, leaves(b64, m64, p64), upstream.double())
+    assert_grads_close(got, want, leaves(base, mem, params))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_row_params", [False, True], ids=["scalars", "per_row"])
+def test_target_logprobs_gradients_match_reference(device, per_row_params):
+    (base, mem, params), (b64, m64, p64) = grad_inputs(device, torch.float32, per_row_params, rows=9, vocab=23)
+    targets = torch.randint(0, 23, (9,), device=device)
+    outs = ops.target_logprobs(base, mem, targets, **params)
+    upstream = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, leaves(base, mem, params), upstream)
+    want_outs = [o.gather(1, targets[:, None]).squeeze(1) for o in reference.component_logprobs(b64, m64, **p64)]
+    want = torch.autograd.grad(want_outs, leaves(b64, m64, p64), [u.double() for u in upstream])
+    assert_grads_close(got, want, leaves(base, mem, params))
+
+
+class ReferenceWithVjp(torch.autograd.Function):
+    """The reference forward with the closed-form backward that the compiled ops use."""
+
+    @staticmethod
+    def forward(ctx, base, mem, lmbda, knn_temp, base_temp):
+        ctx.save_for_backward(base, mem, lmbda, knn_temp, base_temp)
+        return reference.component_logprobs(base, mem, lmbda, knn_temp, base_temp)
+
+    @staticmethod
+    def backward(ctx, g_joint, g_base, g_mem):
+        return reference.mixture_vjp(*ctx.saved_tensors, g_joint, g_base, g_mem)
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 0.3, 1.0])
+def test_mixture_vjp_gradcheck(lmbda):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    base, mem = (3 * torch.randn(3, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    base[0, 2] = -math.inf  # a masked token
+    params = [torch.full((3,), lmbda, dtype=torch.float64), 0.5 + torch.rand(3, generator=g, dtype=torch.float64),
+              0.5 + torch.rand(3, generator=g, dtype=torch.float64)]
+    inputs = [t.requires_grad_(not (i == 2 and lmbda in (0.0, 1.0))) for i, t in enumerate([base, mem, *params])]
+    # a one-sided lmbda at 0 or 1 has no two-sided finite difference; the masked token has no gradient
+    assert torch.autograd.gradcheck(lambda *x: tuple(torch.nan_to_num(y, neginf=0.0) for y in ReferenceWithVjp.apply(*x)),
+                                    inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_is_not_differentiable(device):
+    base, mem = sample_inputs(3, 40, device)
+    base = base.detach().requires_grad_()
+    lmbda = per_row(3, 0.2, 0.8, device).requires_grad_()
+    for tokens, logprobs in (ops.sample(base, mem, lmbda), ops.sample_rows(base, mem, ops.pack_row_params(3, device))):
+        assert not tokens.requires_grad and not logprobs.requires_grad
+
+
 # ---------------------------------------------------------------- invalid input
 
 
@@ -268,6 +441,9 @@ BAD_ARGS = [
     ({"lmbda": math.nan}, "lmbda"),
     ({"knn_temp": 0.0}, "knn_temp"),
     ({"base_temp": -1.0}, "base_temp"),
+    ({"base_temp": 1e39}, "base_temp"),
+    ({"knn_temp": torch.tensor([1.0, 1e39], dtype=torch.float64)}, "knn_temp"),
+    ({"temperature": 1e39}, "temperature"),
     ({"temperature": -0.5}, "temperature"),
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.2}, "top_p"),
@@ -312,6 +488,59 @@ def test_raw_op_checks_scalars_too():
         torch.ops.memdec_fast.sample(base, mem, None, 0.5, 1.0, 1.0, 1.0, 0, 0.0, 0.0, None)
     with pytest.raises(ValueError, match="row_params"):
         torch.ops.memdec_fast.sample(base, mem, torch.zeros(2, 3), 0.5, 1.0, 1.0, 1.0, 0, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="knn_temp"):
+        torch.ops.memdec_fast.joint_logprobs(base, mem, None, 0.5, 1e39, 1.0)
+
+
+def test_pack_row_params_rejects_unknown_names():
+    with pytest.raises(TypeError, match="'lmda'.*lmbda, knn_temp, base_temp, temperature, top_k, top_p, min_p"):
+        ops.pack_row_params(2, "cpu", lmda=0.9)
+
+
+def raw_calls(base, mem, row_params=None, targets=None):
+    """Each raw op once, with these tensors."""
+    tgt = targets if targets is not None else torch.zeros(base.shape[0], dtype=torch.long, device=base.device)
+    return {
+        "joint_logprobs": lambda: torch.ops.memdec_fast.joint_logprobs(base, mem, row_params, 0.5, 1.0, 1.0),
+        "target_logprobs": lambda: torch.ops.memdec_fast.target_logprobs(base, mem, tgt, row_params, 0.5, 1.0, 1.0),
+        "sample": lambda: torch.ops.memdec_fast.sample(base, mem, row_params, 0.5, 1.0, 1.0, 0.0, 0, 1.0, 0.0, None),
+    }
+
+
+@pytest.mark.parametrize("op", ["joint_logprobs", "target_logprobs", "sample"])
+@pytest.mark.parametrize("meta", ["base_logits", "mem_logits", "row_params", "targets"])
+def test_meta_tensor_among_real_ones_is_refused(op, meta):
+    # the dispatcher runs the Meta (fake) kernel when any input is meta: it must raise, not return garbage
+    base, mem = sample_inputs(4, 11, "cpu", seed=int(torch.randint(0, 2**31, ())))
+    args = {"base": base, "mem": mem, "row_params": ops.pack_row_params(4, "cpu", lmbda=0.5),
+            "targets": torch.arange(4)}
+    key = {"base_logits": "base", "mem_logits": "mem"}.get(meta, meta)
+    args[key] = args[key].to("meta")
+    if meta == "targets" and op != "target_logprobs":
+        pytest.skip("the op takes no targets")
+    with pytest.raises(ValueError, match=meta if meta != "base_logits" else "mem_logits|row_params|targets"):
+        raw_calls(**args)[op]()
+
+
+def test_meta_inputs_are_refused_by_the_wrappers():
+    base, mem = sample_inputs(4, 11, "cpu")
+    with pytest.raises(ValueError, match="row_params"):
+        ops.sample_rows(base, mem, ops.pack_row_params(4, "meta"))
+    with pytest.raises(ValueError, match="targets"):
+        ops.target_logprobs(base, mem, torch.arange(4, device="meta"), 0.5)
+    with pytest.raises(ValueError, match="lmbda"):
+        ops.joint_logprobs(base, mem, torch.full((4,), 0.5, device="meta"))
+    with pytest.raises(ValueError, match="mem_logits"):
+        ops.sample(base, mem.to("meta"), 0.5)
+
+
+def test_all_meta_inputs_give_shapes():
+    base, mem = (t.to("meta") for t in sample_inputs(4, 11, "cpu"))
+    for name, call in raw_calls(base, mem, ops.pack_row_params(4, "meta")).items():
+        out = call()
+        out = out if isinstance(out, tuple) else (out,)
+        assert all(t.is_meta for t in out), name
+    assert ops.joint_logprobs(base, mem, 0.5).shape == (4, 11)
 
 
 # ---------------------------------------------------------------- registration
@@ -324,6 +553,10 @@ def test_opcheck(device):
     targets = torch.arange(4, device=device)
     torch.library.opcheck(torch.ops.memdec_fast.joint_logprobs.default, (base, mem, None, 0.3, 1.0, 1.0))
     torch.library.opcheck(torch.ops.memdec_fast.target_logprobs.default, (base, mem, targets, rp, 0.3, 1.0, 1.0))
+    grad_args = [t.detach().requires_grad_() for t in (base.float(), mem, rp)]  # the autograd registration too
+    torch.library.opcheck(torch.ops.memdec_fast.joint_logprobs.default, (*grad_args, 0.3, 1.0, 1.0))
+    torch.library.opcheck(torch.ops.memdec_fast.target_logprobs.default,
+                          (grad_args[0], grad_args[1], targets, grad_args[2], 0.3, 1.0, 1.0))
     # greedy rows keep the sample deterministic, as opcheck compares repeated runs
     torch.library.opcheck(torch.ops.memdec_fast.sample.default,
                           (base, mem, None, 0.3, 1.0, 1.0, 0.0, 0, 1.0, 0.0, None))
@@ -391,3 +624,18 @@ def test_cuda_graph_replays_draw_fresh_numbers():
     first = tokens.clone()
     graph.replay()
     assert not torch.equal(first, tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("op", ["joint_logprobs", "target_logprobs", "sample"])
+@pytest.mark.parametrize("moved", ["base_logits", "mem_logits", "row_params", "targets"])
+def test_mixed_cpu_and_cuda_tensors_are_refused(op, moved):
+    if moved == "targets" and op != "target_logprobs":
+        pytest.skip("the op takes no targets")
+    base, mem = sample_inputs(4, 11, "cuda")
+    args = {"base": base, "mem": mem, "row_params": ops.pack_row_params(4, "cuda", lmbda=0.5),
+            "targets": torch.arange(4, device="cuda")}
+    key = {"base_logits": "base", "mem_logits": "mem"}.get(moved, moved)
+    args[key] = args[key].cpu()
+    with pytest.raises(ValueError, match="on cpu|on cuda"):
+        raw_calls(**args)[op]()
