@@ -1,0 +1,271 @@
+"""Serving load: the continuous-batching engine at concurrency 1, 8, 32, 64 vs the same requests one at a time.
+
+    python benchmarks/bench_serve.py --out benchmarks/results/serve_cpu.json   # gpt2-small-shaped pair, CPU
+    python benchmarks/bench_serve.py --quick --out /tmp/serve_quick.json      # tiny pair: a smoke run
+
+What it drives: the engine directly, through ``Engine.stream`` (the path the HTTP server consumes for every
+request), without HTTP and JSON; it measures the engine, not the server's overhead.
+
+Load: a fixed-seed list of requests (token-id prompts of uniform random length, uniform random max_tokens),
+greedy. At concurrency c, c workers each send their next request as soon as their previous one ends (a closed
+loop) until the list is done. For each level: output tokens/s over the level's wall time, time to first token
+(from the request's send to its first token) and time between tokens (each gap between consecutive tokens of a
+request), p50 and p99. Baseline: the first --baseline-requests requests sent one at a time through
+``JointGenerator.generate`` in the same run (tokens/s and per-request latency).
+
+Pair: random gpt2-small-shaped base (12 x 768, 12 heads) and Memory Decoder of the same shape, GPT-2's 50257
+tokens, a 256-position context (the longest request needs 128 + 64), float32, saved with save_pretrained to a
+temporary directory; a word-level tokenizer without EOS, so every request runs to its max_tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import memdec_fast  # noqa: F401  (the installed package, with its compiled extension, when there is one)
+except ImportError:
+    sys.path.insert(0, str(ROOT))
+
+from memdec_fast import JointGenerator
+from memdec_fast.engine import Engine
+
+VOCAB = 50257
+LMBDA, KNN_TEMP = 0.25, 1.0
+FULL = {"dims": {"n_embd": 768, "n_layer": 12, "n_head": 12}, "requests": 64, "baseline_requests": 16,
+        "concurrency": [1, 8, 32, 64], "prompt_tokens": (16, 128), "new_tokens": (16, 64)}
+QUICK = {"dims": {"n_embd": 32, "n_layer": 2, "n_head": 4}, "requests": 8, "baseline_requests": 2,
+         "concurrency": [1, 4], "prompt_tokens": (4, 16), "new_tokens": (2, 8)}
+CONTEXT = 256
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dirty_files() -> list[str]:
+    """Tracked files with uncommitted changes (the run measured them, not git_commit's version)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             check=True, cwd=ROOT).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return sorted(line[3:] for line in out.splitlines() if line.strip())
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def build_pair(root: Path, dims: dict) -> tuple[Path, Path, object]:
+    """Random GPT-2 base and Memory Decoder of the same shape, saved; and their word-level tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(
+        models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0")))
+    paths = []
+    for name, seed in (("base", 0), ("memory", 1)):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, **dims)).eval()
+        model.save_pretrained(root / name)
+        paths.append(root / name)
+        del model
+    tok.save_pretrained(root / "base")
+    return paths[0], paths[1], tok
+
+
+def request_mix(n: int, seed: int, prompt_tokens: tuple[int, int], new_tokens: tuple[int, int]) -> list[dict]:
+    """n requests: token-id prompts of uniform length in prompt_tokens, max_new_tokens uniform in new_tokens."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(*prompt_tokens)
+        out.append({"prompt": [rng.randrange(VOCAB) for _ in range(length)],
+                    "max_new_tokens": rng.randint(*new_tokens)})
+    return out
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    return round(float(np.percentile(xs, q)) * 1e3, 2) if xs else None
+
+
+async def run_level(engine: Engine, reqs: list[dict], concurrency: int) -> dict:
+    """The requests through engine.stream with `concurrency` closed-loop workers."""
+    todo = list(reversed(reqs))
+    ttft, itl, e2e, tokens = [], [], [], 0
+
+    async def worker() -> None:
+        nonlocal tokens
+        while todo:
+            r = todo.pop()
+            t0 = time.perf_counter()
+            last = None
+            async for d in engine.stream(r["prompt"], max_new_tokens=r["max_new_tokens"], temperature=0.0):
+                if not d.token_ids:
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    ttft.append(now - t0)
+                else:
+                    itl.extend([(now - last) / len(d.token_ids)] * len(d.token_ids))
+                last, tokens = now, tokens + len(d.token_ids)
+            e2e.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    seconds = time.perf_counter() - start
+    return {
+        "concurrency": concurrency, "requests": len(reqs), "output_tokens": tokens, "seconds": round(seconds, 3),
+        "output_tokens_per_s": round(tokens / seconds, 2),
+        "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
+        "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
+        "e2e_ms": {"p50": pct(e2e, 50), "p99": pct(e2e, 99)},
+        "load_after": load_average(),
+    }
+
+
+def run_baseline(gen: JointGenerator, reqs: list[dict]) -> dict:
+    """The requests one at a time through JointGenerator.generate."""
+    lat, tokens = [], 0
+    start = time.perf_counter()
+    for r in reqs:
+        t0 = time.perf_counter()
+        res = gen.generate(r["prompt"], max_new_tokens=r["max_new_tokens"])
+        lat.append(time.perf_counter() - t0)
+        tokens += len(res.token_ids[0])
+    seconds = time.perf_counter() - start
+    return {"requests": len(reqs), "output_tokens": tokens, "seconds": round(seconds, 3),
+            "output_tokens_per_s": round(tokens / seconds, 2), "ms_per_token": round(seconds / tokens * 1e3, 2),
+            "e2e_ms": {"p50": pct(lat, 50), "p99": pct(lat, 99)}, "load_after": load_average()}
+
+
+def targets(levels: list[dict], baseline: dict) -> dict:
+    """The issue's CPU targets at concurrency 32 (or the highest level below it, in a quick run)."""
+    by_c = {lv["concurrency"]: lv for lv in levels}
+    c = 32 if 32 in by_c else max(by_c)
+    step1 = by_c[1]["itl_ms"]["p50"] if 1 in by_c else None
+    speedup = by_c[c]["output_tokens_per_s"] / baseline["output_tokens_per_s"]
+    itl_ratio = by_c[c]["itl_ms"]["p99"] / step1 if step1 else None
+    return {"concurrency": c, "batch1_step_ms": step1,
+            "tokens_per_s_vs_one_at_a_time": round(speedup, 2), "tokens_per_s_target": 6.0,
+            "tokens_per_s_met": speedup >= 6.0,
+            "p99_itl_vs_batch1_step": None if itl_ratio is None else round(itl_ratio, 2), "p99_itl_target": 3.0,
+            "p99_itl_met": None if itl_ratio is None else itl_ratio <= 3.0}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels, base = result["levels"], result["baseline"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = [lv["output_tokens_per_s"] for lv in levels]
+    for ax, key, title in ((axes[0], "itl_ms", "time between tokens"), (axes[1], "ttft_ms", "time to first token")):
+        for q, marker in (("p50", "o-"), ("p99", "s--")):
+            ax.plot(x, [lv[key][q] for lv in levels], marker, label=f"engine, {q}")
+        for lv in levels:
+            ax.annotate(f"c={lv['concurrency']}", (lv["output_tokens_per_s"], lv[key]["p99"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axvline(base["output_tokens_per_s"], color="gray", ls=":",
+                   label=f"one at a time (generate): {base['output_tokens_per_s']:.1f} tok/s")
+        if key == "itl_ms":
+            ax.plot([base["output_tokens_per_s"]], [base["ms_per_token"]], "k^",
+                    label="one at a time: ms per token (prefill incl.)")
+        ax.set_xlabel("output tokens/s")
+        ax.set_ylabel(f"{title} (ms)")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"bench_serve: {result['pair']}, {result['device']} ({result['threads']} threads), "
+                 f"{result['date'][:10]}, {result['git_commit'][:7]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny pair and few requests: a smoke run")
+    p.add_argument("--out", type=Path, help="write the JSON here (and the PNG beside it, same stem)")
+    p.add_argument("--requests", type=int, help="requests per concurrency level")
+    p.add_argument("--baseline-requests", type=int, help="of those, how many go through generate one at a time")
+    p.add_argument("--concurrency", type=int, nargs="+")
+    p.add_argument("--prefill-chunk", type=int, help="the engine's prefill chunk (default: the engine's)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    n = args.requests or cfg["requests"]
+    n_base = min(n, args.baseline_requests or cfg["baseline_requests"])
+    concurrency = args.concurrency or cfg["concurrency"]
+    reqs = request_mix(n, args.seed, cfg["prompt_tokens"], cfg["new_tokens"])
+    load_start = load_average()
+    with tempfile.TemporaryDirectory() as tmp:
+        base, memory, tok = build_pair(Path(tmp), cfg["dims"])
+        kw = {"lmbda": LMBDA, "knn_temp": KNN_TEMP, "device": "cpu", "tokenizer": tok}
+        gen = JointGenerator.from_pretrained(base, memory, **kw)
+        gen.generate(reqs[0]["prompt"][:8], max_new_tokens=2)  # warm-up
+        print(f"baseline: {n_base} requests one at a time through JointGenerator.generate", file=sys.stderr)
+        baseline = run_baseline(gen, reqs[:n_base])
+        del gen
+        extra = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
+        engine = Engine.from_pretrained(base, memory, max_batch=max(concurrency), max_queue=n, **kw, **extra)
+        levels = []
+        try:
+            engine.submit(reqs[0]["prompt"][:8], max_new_tokens=2).result()  # warm-up
+            for c in concurrency:
+                print(f"engine: {n} requests at concurrency {c}", file=sys.stderr)
+                levels.append(asyncio.run(run_level(engine, reqs, c)))
+                print(json.dumps(levels[-1]), file=sys.stderr)
+            prefill_chunk = engine.prefill_chunk
+        finally:
+            engine.close(timeout=0)
+    result = {
+        "benchmark": "bench_serve", "driven": "engine directly (Engine.stream), no HTTP",
+        "pair": ("tiny random pair" if args.quick else "gpt2-small-shaped random base + Memory Decoder (12x768 each)")
+        + f", vocab {VOCAB}, context {CONTEXT}, float32",
+        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(), "git_dirty": dirty_files(), "command": "python benchmarks/bench_serve.py " + " ".join(argv or sys.argv[1:]),
+        "load_average_start": load_start, "lmbda": LMBDA, "knn_temp": KNN_TEMP,
+        "engine": {"max_batch": max(concurrency), "max_queue": n, "prefill_chunk": prefill_chunk},
+        "mix": {"seed": args.seed, "requests": n, "prompt_tokens": list(cfg["prompt_tokens"]),
+                "new_tokens": list(cfg["new_tokens"]), "greedy": True},
+        "baseline": baseline, "levels": levels,
+    }
+    result["targets"] = targets(levels, baseline)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        plot(result, args.out.with_suffix(".png"))
+    print(json.dumps(result["targets"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()

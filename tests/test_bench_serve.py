@@ -1,0 +1,47 @@
+"""A smoke run of benchmarks/bench_serve.py on a tiny pair, so that the serving benchmark cannot silently rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_reports_every_level_and_the_baseline(bench, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "serve.json"
+    report = bench.main(["--quick", "--out", str(out), "--concurrency", "1", "3"])
+    assert json.loads(out.read_text()) == report
+    assert out.with_suffix(".png").stat().st_size > 0
+    for key in ("device", "torch", "date", "git_commit", "driven"):
+        assert report[key]
+    assert report["torch"] == torch.__version__
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
+    want = sum(r["max_new_tokens"] for r in bench.request_mix(8, 0, bench.QUICK["prompt_tokens"],
+                                                              bench.QUICK["new_tokens"]))
+    for lv in report["levels"]:
+        assert lv["output_tokens"] == want  # no EOS: every request runs to its max_new_tokens
+        assert lv["output_tokens_per_s"] > 0
+        for key in ("ttft_ms", "itl_ms"):
+            assert 0 < lv[key]["p50"] <= lv[key]["p99"]
+    assert report["baseline"]["requests"] == 2 and report["baseline"]["output_tokens_per_s"] > 0
+    assert set(report["targets"]) >= {"tokens_per_s_vs_one_at_a_time", "p99_itl_vs_batch1_step"}
+
+
+def test_request_mix_is_fixed_by_its_seed(bench):
+    a = bench.request_mix(16, 3, (4, 64), (8, 32))
+    assert a == bench.request_mix(16, 3, (4, 64), (8, 32)) and a != bench.request_mix(16, 4, (4, 64), (8, 32))
+    assert all(4 <= len(r["prompt"]) <= 64 and 8 <= r["max_new_tokens"] <= 32 for r in a)
