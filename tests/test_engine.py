@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import time
 
 import pytest
 import torch
 from conftest import build_tokenizer, save_gpt2
 
-from memdec_fast import JointGenerator
+from memdec_fast import JointGenerator, ops
 from memdec_fast.engine import Engine, EngineClosed, EngineOverloaded, RequestFailed, RequestOutput, StreamDelta
 
 WAIT = 30.0
@@ -328,3 +329,33 @@ def test_from_pretrained_reads_mixing_and_serves(ckpts, tmp_path):
         assert (engine.max_batch, engine.max_queue, engine.max_context) == (2, 4, 64)
         assert engine.generator.lmbda == 0.55  # upstream's default: no memdec_config.json here
         assert isinstance(engine.submit("hi", max_new_tokens=2), concurrent.futures.Future)
+
+
+# -- CUDA graphs ---------------------------------------------------------------------------------
+
+def test_cpu_decodes_the_captured_step_eagerly_after_one_log_line(ckpts, caplog):
+    with caplog.at_level(logging.INFO, logger="memdec_fast.engine.step"):
+        engine = Engine(load(ckpts, "mlp"), max_batch=2, cuda_graphs=True)
+    assert not engine._step.replay
+    assert [r.message for r in caplog.records if "CUDA graphs off" in r.message]
+    with engine:
+        assert len(engine.submit(PROMPTS[0], max_new_tokens=3).result(WAIT).token_ids) == 3
+    assert not engine._step.graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not ops.compiled_available(),
+                    reason="needs CUDA and the compiled extension")
+@pytest.mark.parametrize("memory", ["decoder", "mlp"])
+def test_graph_replays_give_the_eager_engines_tokens(ckpts, memory):
+    kws = [{"max_new_tokens": 12}, {"max_new_tokens": 5, "temperature": 0.9, "seed": 3}, {"max_new_tokens": 9},
+           {"max_new_tokens": 7, "temperature": 1.1, "top_p": 0.9, "seed": 4}, {"max_new_tokens": 10}]
+    outs = {}
+    for graphs in (False, True):
+        gen = JointGenerator.from_pretrained(ckpts["base"], ckpts[memory], lmbda=0.4, knn_temp=0.8, device="cuda",
+                                             dtype=torch.float32, cuda_graphs=False)
+        with Engine(gen, max_batch=4, prefill_chunk=4, cuda_graphs=graphs) as engine:
+            futs = [engine.submit(p, **kw) for p, kw in zip(PROMPTS, kws)]
+            outs[graphs] = [f.result(WAIT).token_ids for f in futs]
+            assert engine._step.replay == graphs
+            assert bool(engine._step.graphs) == graphs
+    assert outs[True] == outs[False]
