@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memdec_fast.server.metrics import ServerMetrics
 from memdec_fast.server.protocol import CompletionRequest, ModelCard, ModelList
-from memdec_fast.server.serving import ApiError, CompletionServing, bad_request
+from memdec_fast.server.serving import ApiError, CompletionServing, api_error, bad_request
 
 _STATUS_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
@@ -51,8 +51,6 @@ def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | 
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, err: Exception) -> JSONResponse:
-        from memdec_fast.server.serving import api_error
-
         return _api_error_response(api_error(err))
 
     @app.get("/health")

@@ -36,16 +36,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", parents=[_common()], help="OpenAI-compatible HTTP server (/v1/completions)",
                               description="Serve the pair over HTTP with OpenAI's completions API. "
                                           "Needs the serve extra: pip install 'memdec_fast[serve]'.")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument("--served-model-name", default="memdec-fast", help="the `model` clients send (default memdec-fast)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port; 0 picks a free one")
+    p.add_argument("--served-model-name", default="memdec-fast", help="the `model` clients send")
     p.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP + "; a request may send its own")
     p.add_argument("--knn-temp", type=_positive_float, help=_KNN_TEMP_HELP)
-    p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together")
     p.add_argument("--max-queue", type=_positive_int, default=256,
-                   help="requests waiting for a batch slot before new ones get 429 (default 256)")
+                   help="requests waiting for a batch slot before new ones get 429")
     p.add_argument("--drain-timeout", type=_non_negative, default=30.0,
-                   help="seconds the requests in flight get to finish after SIGTERM (default 30)")
+                   help="seconds the requests in flight get to finish after SIGTERM")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=cmd_serve)
 
@@ -55,6 +55,19 @@ def _non_negative(text: str) -> float:
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"{text} must be >= 0")
     return v
+
+
+def _check_device(text: str | None) -> None:
+    import torch
+
+    try:
+        device = torch.device(text or "cpu")
+    except RuntimeError:
+        raise ValueError(f"--device: {text!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {text!r} is not supported (cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {text} asked for, but no CUDA device is available here")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -85,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from memdec_fast.cli import _pair
 
     base, memory = _pair(args)
+    _check_device(args.device)
     sock = _bind(args.host, args.port)
     try:
         engine = _load_engine(args, base, memory)

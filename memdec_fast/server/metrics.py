@@ -101,7 +101,7 @@ class ServerMetrics:
         p = PREFIX
         with self._lock:
             lines = [
-                f"# HELP {p}_requests_total Engine requests (one per prompt) by outcome.",
+                f"# HELP {p}_requests_total Completion requests (one per prompt) by outcome.",
                 f"# TYPE {p}_requests_total counter",
                 *(f'{p}_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()),
                 f"# HELP {p}_prompt_tokens_total Prompt tokens of the requests the engine accepted.",
