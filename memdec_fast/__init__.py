@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import importlib
 
-from memdec_fast import ops, reference
-from memdec_fast.build import build_info
-
 __version__ = "0.1.0"
+
+# Nothing heavy loads at import: `memdec-fast --help` must not wait for torch.
+_SUBMODULES = ("ops", "reference")
 
 # Exported name -> the module that defines it. No exported name may also be a
 # submodule's name: importing a submodule binds it on the package, and would then
 # shadow the lazy attribute of the same name for good (tests/test_package.py checks).
 _LAZY = {
+    "build_info": "memdec_fast.build",
     "Engine": "memdec_fast.engine",
     "JointGenerator": "memdec_fast.generator",
     "GenerationResult": "memdec_fast.generator",
@@ -39,7 +40,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Heavy modules (models, transformers) load on first use, not at import.
+    # Heavy modules (torch, models, transformers) load on first use, not at import.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"memdec_fast.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later lookups skip __getattr__

@@ -1,8 +1,9 @@
-"""The ``memdec-fast`` command line: generate, ppl, bench and info (plus train and demo when installed).
+"""The ``memdec-fast`` command line: generate, ppl, bench and info (plus train, demo and serve when installed).
 
 Every subcommand takes --base, --memory and --memory-type, defaulting to the
-embedded demo pair, and --json for one JSON object on stdout. Bad arguments
-give a one-line error on stderr and exit status 2.
+embedded demo pair, and --json for JSON on stdout. Bad arguments give a
+one-line error on stderr and exit status 2; they are checked before any model
+loads, and nothing heavy (torch, transformers) is imported before a command runs.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from memdec_fast.cli_bench import run_bench
-
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 _DTYPES = ("float32", "float16", "bfloat16")
-_OPTIONAL_COMMANDS = ("memdec_fast.train.cli", "memdec_fast.demo")
+_OPTIONAL_COMMANDS = ("memdec_fast.train.cli", "memdec_fast.demo", "memdec_fast.server.cli")
 _LMBDA_HELP = "weight of the memory (default: the memory's memdec_config.json, else 0.55)"
 _KNN_TEMP_HELP = "memory softmax temperature (default: the memory's memdec_config.json, else 1.0)"
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, without the usage block."""
+    """An ArgumentParser whose errors are one line, without the usage block, and whose help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -35,7 +38,7 @@ class UsageError(ValueError):
 
 
 def _common() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     g = p.add_argument_group("model pair")
     g.add_argument("--base", metavar="PATH", help="base LM: directory or hub name (default: the embedded demo base)")
     g.add_argument("--memory", metavar="PATH", help="memory: directory or hub name (default: the embedded demo memory)")
@@ -67,6 +70,13 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return v
+
+
 def _non_negative_float(text: str) -> float:
     v = float(text)
     if not v >= 0:
@@ -80,14 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
 
-    g = sub.add_parser("generate", parents=[common], help="generate text from a prompt")
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    g.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 is greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g = sub.add_parser("generate", parents=[common], help="generate text from one or more prompts")
+    g.add_argument("prompt", nargs="+", help="each prompt is completed on its own (batched); prints prompt + completion")
+    g.add_argument("--max-new-tokens", type=_positive_int,
+                   help="default: 64, or half the context when that is shorter")
+    g.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-k", type=_non_negative_int, default=0, help="0 disables")
     g.add_argument("--top-p", type=_unit_float, default=1.0)
     g.add_argument("--min-p", type=_unit_float, default=0.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help="HF's rule, on the mixture")
+    g.add_argument("--seed", type=_non_negative_int)
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string; repeat for several")
     g.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP)
     g.add_argument("--knn-temp", type=_positive_float, help=_KNN_TEMP_HELP)
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -103,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ppl)
 
     b = sub.add_parser("bench", parents=[common], help="end-to-end generation latency table")
-    b.add_argument("--prompt-tokens", type=_positive_int, nargs="+", default=[128])
-    b.add_argument("--new-tokens", type=_positive_int, default=64)
+    b.add_argument("--prompt-tokens", type=_positive_int, nargs="+",
+                   help="prompt lengths (default: 128, or half the context when that is shorter)")
+    b.add_argument("--new-tokens", type=_positive_int,
+                   help="tokens per request (default: 64, or what the context leaves after the longest prompt)")
     b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1])
     b.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP)
     b.add_argument("--repeats", type=_positive_int, default=3)
@@ -133,33 +148,55 @@ def _pair(args: argparse.Namespace) -> tuple[str, str]:
     return base, memory
 
 
-def _mixture(args: argparse.Namespace) -> tuple[list[float], float]:
-    """(lmbdas, knn_temp): the flags, else the memory directory's memdec_config.json, else 0.55 and 1.0.
+def _context(args: argparse.Namespace) -> int:
+    """The pair's context window in tokens, from the config files alone (no weights, no torch)."""
+    from memdec_fast.models.checkpoint import load_config
 
-    A memory trained by memdec_fast.train (the demo pair included) stores the
-    lmbda and knn_temp it was tuned for in memdec_config.json.
-    """
-    from memdec_fast.models.checkpoint import read_mixing
+    sizes = []
+    for path in _pair(args):
+        config = load_config(path)
+        sizes += [v for k in ("n_positions", "max_position_embeddings") if isinstance(v := config.get(k), int)][:1]
+    return min(sizes) if sizes else 2**31 - 1
 
-    saved = read_mixing(_pair(args)[1])
-    lmbda = args.lmbda if args.lmbda is not None else saved["lmbda"]
-    knn_temp = getattr(args, "knn_temp", None)
-    return (lmbda if isinstance(lmbda, list) else [float(lmbda)]), float(
-        knn_temp if knn_temp is not None else saved["knn_temp"]
-    )
+
+def _device(text: str | None):
+    """A torch.device that exists here, or UsageError."""
+    import torch
+
+    try:
+        device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise UsageError(f"--device: {text!r} is not a device (e.g. cpu, cuda, cuda:1)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device: {text} asked for, but no CUDA device is available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device: {text}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: {text!r} is not supported (cpu or cuda)")
+    return device
 
 
 def _load(args: argparse.Namespace):
+    """The JointGenerator of the pair; lmbda and knn_temp are the flags, else those stored with the memory."""
     import torch
 
     from memdec_fast.generator import JointGenerator
 
-    (lmbda, *_), knn_temp = _mixture(args)
+    device = _device(args.device)
+    lmbda = args.lmbda[0] if isinstance(args.lmbda, list) else args.lmbda
     base, memory = _pair(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return JointGenerator.from_pretrained(
-        base, memory, memory_type=args.memory_type, lmbda=lmbda, knn_temp=knn_temp, device=args.device, dtype=dtype
-    )
+    return JointGenerator.from_pretrained(base, memory, memory_type=args.memory_type, lmbda=lmbda,
+                                          knn_temp=getattr(args, "knn_temp", None), device=device, dtype=dtype)
+
+
+def _utf8(name: str, text: str) -> str:
+    # argv bytes that are not UTF-8 arrive as lone surrogates
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UsageError(f"{name}: not valid UTF-8 (byte {err.start} of the argument)") from None
+    return text
 
 
 def _emit(args: argparse.Namespace, obj: dict, text: str) -> None:
@@ -167,25 +204,41 @@ def _emit(args: argparse.Namespace, obj: dict, text: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """``memdec-fast generate PROMPT``: the completion, or with --json {"prompt", "text", "token_ids", ...}."""
+    """``memdec-fast generate PROMPT...``: each prompt followed by its completion (streamed with --stream), or with
+    --json one object per prompt and line: {"prompt", "text", "token_ids", "logprobs", "finish_reason"}."""
     if args.stream and args.json:
         raise UsageError("--stream and --json cannot be combined")
+    prompts = [_utf8("prompt", p) for p in args.prompt]
+    stops = [_utf8("--stop", s) for s in args.stop or []]
+    if any(not p for p in prompts):
+        raise UsageError("prompt: empty prompt")
+    if any(not s for s in stops):
+        raise UsageError("--stop: empty stop string")
+    context = _context(args)
+    args.max_new_tokens = args.max_new_tokens or max(1, min(64, context // 2))
+    if args.max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
+                         f"{context} tokens")
     gen = _load(args)
     kw = {
-        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed, "stop": stops or None,
+        "repetition_penalty": args.repetition_penalty,
     }
     if args.stream:
-        for piece in gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, **kw):
-            print(piece, end="", flush=True)
-        print()
+        for prompt in prompts:
+            print(prompt, end="", flush=True)
+            for piece in gen.stream(prompt, **kw):
+                print(piece, end="", flush=True)
+            print()
         return 0
-    res = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, **kw)
-    obj = {
-        "prompt": args.prompt, "text": res.texts[0], "token_ids": res.token_ids[0], "logprobs": res.logprobs[0],
-        "finish_reason": res.finish_reasons[0],
-    }
-    _emit(args, obj, args.prompt + res.texts[0])
+    res = gen.generate(prompts, **kw)
+    for i, prompt in enumerate(prompts):
+        obj = {
+            "prompt": prompt, "text": res.texts[i], "token_ids": res.token_ids[i], "logprobs": res.logprobs[i],
+            "finish_reason": res.finish_reasons[i],
+        }
+        _emit(args, obj, prompt + res.texts[i])
     return 0
 
 
@@ -195,14 +248,15 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")
-    lmbdas, knn_temp = _mixture(args)
+    context = min(1024, _context(args))
+    if args.block_size is not None and args.block_size > context:
+        raise UsageError(f"--block-size {args.block_size} exceeds the model's context of {context} tokens")
+    block = args.block_size or context
+    if args.stride is not None and args.stride >= block:
+        raise UsageError(f"--stride {args.stride} must be below the block size {block}")
     gen = _load(args)
-    block = args.block_size or min(1024, gen.max_context)
-    stride = args.stride or max(1, block // 2)
-    res = perplexity(
-        gen, None, Path(args.file), lmbda=lmbdas, knn_temp=knn_temp, block_size=block, stride=stride,
-        batch_size=args.batch_size,
-    )
+    res = perplexity(gen, None, Path(args.file), lmbda=args.lmbda, knn_temp=args.knn_temp, block_size=block,
+                     stride=args.stride, batch_size=args.batch_size)
     lines = [f"tokens scored  {res.tokens}", f"base PPL       {res.base_ppl:.4f}", f"memory PPL     {res.memory_ppl:.4f}"]
     lines += [f"joint PPL      {ppl:.4f}  (lmbda {lm:g})" for lm, ppl in res.joint_ppl.items()]
     _emit(args, res.to_dict(), "\n".join(lines))
@@ -211,8 +265,11 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``memdec-fast bench``: prefill and per-token decode latency over prompt lengths and batch sizes."""
+    from memdec_fast.cli_bench import bench_lengths, run_bench
+
+    prompt_tokens, new_tokens = bench_lengths(_context(args), args.prompt_tokens, args.new_tokens)
     gen = _load(args)
-    rows = run_bench(gen, args.prompt_tokens, args.batch_sizes, args.new_tokens, args.repeats)
+    rows = run_bench(gen, prompt_tokens, args.batch_sizes, new_tokens, args.repeats)
     head = f"{'batch':>5} {'prompt':>6} {'new':>4} {'TTFT ms':>9} {'ms/token':>9} {'tokens/s':>9}"
     body = [
         f"{r['batch']:>5} {r['prompt_tokens']:>6} {r['new_tokens']:>4} {r['ttft_ms']:>9.2f} "
@@ -231,7 +288,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     import transformers
 
     import memdec_fast
+    from memdec_fast.models.checkpoint import load_config
 
+    for path in _pair(args):
+        load_config(path)  # the pair must exist: a missing directory or config.json is an error, not a success
     devices = [{"name": "cpu", "threads": torch.get_num_threads()}]
     for i in range(torch.cuda.device_count()):
         prop = torch.cuda.get_device_properties(i)
@@ -274,6 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, OSError) as err:  # bad arguments, missing or unreadable files
         print(f"memdec-fast {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # an optional dependency of this command
+        print(f"memdec-fast {args.command}: error: needs {err.name or err} (pip install 'memdec_fast[train]' for "
+              "training, 'memdec_fast[serve]' for serving)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

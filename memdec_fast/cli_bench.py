@@ -30,6 +30,18 @@ def _timed(gen, prompts: list[list[int]], new_tokens: int) -> tuple[float, int, 
     return time.perf_counter() - t0, max(len(t) for t in res.token_ids), sum(len(t) for t in res.token_ids)
 
 
+def bench_lengths(context: int, prompt_tokens: Sequence[int] | None, new_tokens: int | None
+                  ) -> tuple[list[int], int]:
+    """(prompt lengths, new tokens): the flags, else 128 and 64 cut to fit `context`; ValueError when they cannot fit."""
+    prompts = list(prompt_tokens) if prompt_tokens else [max(1, min(128, context // 2))]
+    if new_tokens is None:
+        new_tokens = max(1, min(64, context - max(prompts) + 1))
+    for length in prompts:
+        if length + new_tokens - 1 > context:
+            raise ValueError(f"--prompt-tokens {length} + --new-tokens {new_tokens} exceed the context of {context}")
+    return prompts, new_tokens
+
+
 def run_bench(
     gen, prompt_lengths: Sequence[int], batch_sizes: Sequence[int], new_tokens: int, repeats: int
 ) -> list[dict]:

@@ -15,8 +15,6 @@ import argparse
 import json
 from pathlib import Path
 
-from memdec_fast.models.checkpoint import read_mixing
-
 __all__ = ["DEMO_DIR", "format_demo", "register", "run_demo"]
 
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
@@ -38,6 +36,7 @@ def run_demo(max_new_tokens: int = 8, device: str = "cpu") -> dict:
     True
     """
     from memdec_fast.generator import JointGenerator
+    from memdec_fast.models.checkpoint import read_mixing
     from memdec_fast.ppl import perplexity
 
     base, memory = DEMO_DIR / "base", DEMO_DIR / "memory"

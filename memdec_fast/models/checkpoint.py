@@ -30,6 +30,8 @@ def resolve(name_or_path: str | os.PathLike, filename: str) -> str | None:
         return path if os.path.isfile(path) else None
     if os.path.exists(root):
         raise FileNotFoundError(f"{root}: expected a checkpoint directory, found a file")
+    if os.path.isabs(root) or root.startswith((".", "~")) or root.count("/") > 1 or os.sep != "/" and os.sep in root:
+        raise FileNotFoundError(f"{root}: no such directory (and not a hub name)")
     from transformers.utils import cached_file
 
     try:
@@ -175,6 +177,11 @@ def check_config_against_weights(name_or_path: str | os.PathLike, config: dict |
         if blocks and n != max(blocks) + 1:
             raise ValueError(f"{where}: config.json says {key}={n}, but the weights hold {max(blocks) + 1} blocks")
     width_key = next((k for k in _WIDTH_KEYS if isinstance(config.get(k), int)), None)
+    heads_key = next((k for k in ("n_head", "num_attention_heads") if isinstance(config.get(k), int)), None)
+    if width_key is not None and heads_key is not None and (config[heads_key] < 1
+                                                            or config[width_key] % config[heads_key]):
+        raise ValueError(f"{where}: config.json's {heads_key}={config[heads_key]} does not divide "
+                         f"{width_key}={config[width_key]}")
     embedding = next((v for k, v in shapes.items() if k.endswith(_EMBEDDINGS) and len(v) == 2), None)
     if width_key is not None and embedding is not None and embedding[1] != config[width_key]:
         raise ValueError(f"{where}: config.json says {width_key}={config[width_key]}, but the token embedding has "

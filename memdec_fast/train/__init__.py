@@ -11,13 +11,15 @@ and :class:`KNNLM`, the kNN-LM baseline on the same datastore. Everything is
 also on the command line: ``memdec-fast train --help``.
 """
 
-from memdec_fast.train.datastore import Datastore, build_datastore
-from memdec_fast.train.decoder import train_memory_decoder
-from memdec_fast.train.knnlm import KNNLM
-from memdec_fast.train.loop import TrainConfig
-from memdec_fast.train.loss import memory_loss
-from memdec_fast.train.mlp_memory import MLPMemory, load_mlp_memory, save_mlp_memory, train_mlp_memory
-from memdec_fast.train.targets import KnnTargets, build_knn_targets, knn_distribution
+import importlib
+
+# name -> defining module; loaded on first use so that `memdec-fast --help` never imports torch or faiss
+_LAZY = {
+    "Datastore": "datastore", "build_datastore": "datastore", "train_memory_decoder": "decoder", "KNNLM": "knnlm",
+    "TrainConfig": "loop", "memory_loss": "loss", "MLPMemory": "mlp_memory", "load_mlp_memory": "mlp_memory",
+    "save_mlp_memory": "mlp_memory", "train_mlp_memory": "mlp_memory", "KnnTargets": "targets",
+    "build_knn_targets": "targets", "knn_distribution": "targets",
+}
 
 __all__ = [
     "KNNLM",
@@ -34,3 +36,11 @@ __all__ = [
     "train_memory_decoder",
     "train_mlp_memory",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"memdec_fast.train.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'memdec_fast.train' has no attribute {name!r}")
