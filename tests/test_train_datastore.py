@@ -240,3 +240,32 @@ def test_open_refuses_arrays_that_disagree_with_meta(tmp_path, corpora):
     np.save(ds_dir / "keys.npy", np.zeros((5, 96), np.float16))
     with pytest.raises(ValueError, match=r"keys.npy holds float16 \(5, 96\)"):
         Datastore.open(ds_dir)
+
+
+# -- kNN targets: the same ordering ---------------------------------------------------------------------------------
+
+TARGETS_RUNNER = r"""
+import os, sys
+import memdec_fast.train.targets as t
+
+real = t.open_memmap
+def patched(path, *a, **k):  # the indices re-created for the new k, the probs not yet
+    if str(path).endswith("probs.npy"):
+        os._exit(77)
+    return real(path, *a, **k)
+t.open_memmap = patched
+t.build_knn_targets(sys.argv[1], k=4, width=4)
+"""
+
+
+def test_targets_rebuild_killed_midway_is_not_opened_as_the_old_ones(tmp_path, corpora):
+    from memdec_fast.train import KnnTargets
+
+    ds = build_a_with_targets(corpora, tmp_path / "ds")  # k=8
+    env = os.environ | {"PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    p = subprocess.run([sys.executable, "-c", TARGETS_RUNNER, str(ds.path)], capture_output=True, text=True, env=env,
+                       cwd=REPO, check=False, timeout=300)
+    assert p.returncode == KILLED, p.stderr[-3000:]
+    with pytest.raises(ValueError, match="incomplete"):
+        KnnTargets(ds.path / "knn_targets")
+    assert build_knn_targets(ds, k=4, width=4).meta["k"] == 4

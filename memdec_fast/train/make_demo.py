@@ -31,6 +31,7 @@ from memdec_fast.train.datastore import build_datastore, tokenize_corpus
 from memdec_fast.train.decoder import train_memory_decoder
 from memdec_fast.train.evaluate import LMBDA_GRID, as_lines
 from memdec_fast.train.loop import TrainConfig, train
+from memdec_fast.train.mixing import write_mixing
 from memdec_fast.train.targets import build_knn_targets
 
 __all__ = ["DEMO_DIR", "demo_compare", "demo_domain_corpus", "demo_validation", "demo_world", "make_demo"]
@@ -133,7 +134,7 @@ def make_demo(out_dir: str | Path = DEMO_DIR, work_dir: str | Path | None = None
                          work_dir=work / "memory_ckpt")
     val = _sweep(base_dir, mem_dir, validation)
     lmbda = min(LMBDA_GRID, key=val.joint_ppl.__getitem__)
-    (mem_dir / "memdec_config.json").write_text(json.dumps({"lmbda": lmbda, "knn_temp": KNN_TEMP}, indent=1) + "\n")
+    write_mixing(mem_dir, lmbda, KNN_TEMP, tuned_on="demo validation text", tune_ppl=val.joint_ppl[lmbda])
 
     for name in ("base", "memory"):
         shutil.rmtree(out / name, ignore_errors=True)

@@ -15,7 +15,6 @@ On disk, in ``<datastore>/knn_targets/``::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,12 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from memdec_fast.train.datastore import Datastore
+from memdec_fast.train.files import read_json_object, write_json_atomic
 from memdec_fast.train.index import EXACT_MAX, build_index, save_index, search
 
 __all__ = ["KnnTargets", "build_knn_targets", "drop_self", "knn_distribution"]
+
+_REBUILD = "rerun `memdec-fast train targets` to rebuild them"
 
 
 def knn_distribution(dists: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, vocab_size: int,
@@ -89,9 +91,10 @@ class KnnTargets:
         meta_file = path / "meta.json"
         if not meta_file.is_file():
             raise ValueError(f"{path} has no kNN targets; run build_knn_targets first")
-        self.meta = json.loads(meta_file.read_text())
-        if self.meta["rows_done"] < self.meta["n_keys"]:
-            raise ValueError(f"kNN targets in {path} are incomplete ({self.meta['rows_done']}/{self.meta['n_keys']})")
+        self.meta = read_json_object(meta_file, _REBUILD)
+        if "n_keys" not in self.meta or self.meta.get("rows_done", 0) < self.meta["n_keys"]:
+            raise ValueError(f"kNN targets in {path} are incomplete ({self.meta.get('rows_done')}/"
+                             f"{self.meta.get('n_keys')} rows); {_REBUILD}")
         self.indices = np.load(path / "indices.npy", mmap_mode="r")
         self.probs = np.load(path / "probs.npy", mmap_mode="r")
 
@@ -145,12 +148,15 @@ def build_knn_targets(
     out.mkdir(exist_ok=True)
     meta_file = out / "meta.json"
     want = {"k": k, "temperature": temperature, "width": width, "n_keys": n}
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    try:
+        meta = read_json_object(meta_file, _REBUILD) if meta_file.is_file() else {}
+    except ValueError:
+        meta = {}  # derived data: a corrupt meta.json only costs a rebuild
     if {key: meta.get(key) for key in want} != want:
+        meta = {**want, "rows_done": 0}
+        write_json_atomic(meta_file, meta)  # rows_done 0 before the arrays are re-created
         open_memmap(out / "indices.npy", "w+", np.int32, (n, width)).flush()
         open_memmap(out / "probs.npy", "w+", np.float32, (n, width)).flush()
-        meta = {**want, "rows_done": 0}
-        meta_file.write_text(json.dumps(meta, indent=1))
     if meta["rows_done"] < n:
         index = build_index(ds.keys, exact_max)
         save_index(index, ds.path / "index.faiss")
@@ -170,5 +176,5 @@ def build_knn_targets(
                 indices.flush()
                 probs.flush()
                 meta["rows_done"] = int(rows[-1]) + 1
-                meta_file.write_text(json.dumps(meta, indent=1))
+                write_json_atomic(meta_file, meta)
     return KnnTargets(out)
