@@ -1,10 +1,13 @@
 """Build memdec_fast and its compiled extension memdec_fast._C.
 
 CUDA kernels are compiled when torch is a CUDA build and a toolkit is found
-(CUDA_HOME, else /usr/local/cuda); no GPU is needed. Environment:
+(CUDA_HOME, else /usr/local/cuda); no GPU is needed. Only what is needed is
+compiled: the architectures of the GPUs present, or, without a GPU, sm_80 with
+PTX (which the driver compiles for any newer GPU on first use). Environment:
 
   MEMDEC_FAST_CPU_ONLY=1      build the CPU kernels only
-  TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST        CUDA architectures, e.g. "9.0" or "8.0;9.0+PTX"
+  MEMDEC_FAST_ALL_ARCHS=1     every architecture we support (8.0 8.6 8.9 9.0 10.0 12.0, + PTX)
   MAX_JOBS, NVCC_THREADS      parallelism (default: from cores and memory)
   MEMDEC_FAST_CXX_FLAGS       extra host compiler flags, space separated
   MEMDEC_FAST_NVCC_FLAGS      extra nvcc flags, space separated
@@ -15,14 +18,41 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import sys
+import threading
+import time
 
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+ALL_ARCHS = "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+NO_GPU_ARCHS = "8.0+PTX"
+
+
+def cuda_archs() -> tuple[str, str]:
+    """(TORCH_CUDA_ARCH_LIST, where it came from): the environment, all, the GPUs present, or the no-GPU default."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST"
+    if os.environ.get("MEMDEC_FAST_ALL_ARCHS", "0") not in ("", "0"):
+        return ALL_ARCHS, "MEMDEC_FAST_ALL_ARCHS"
+    if torch.cuda.is_available():
+        found = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+        return ";".join(found), "the GPUs present"
+    return NO_GPU_ARCHS, "no GPU visible: sm_80 + PTX, which runs on every GPU from sm_80 on"
+
+
+def source_digest() -> str:
+    """memdec_fast/source_digest.py's digest of this checkout, loaded by path (the package needs torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("source_digest", os.path.join(ROOT, "memdec_fast", "source_digest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.digest(ROOT)
 
 
 def find_cuda_home() -> str | None:
@@ -66,12 +96,13 @@ def extension():
     with_cuda = torch.version.cuda is not None and cuda_home is not None
     if not cpu_only and not with_cuda:
         why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (nvcc) was found"
-        print(f"memdec_fast: building CPU kernels only: {why}")
+        progress(f"memdec_fast: building CPU kernels only: {why}")
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     # -fopenmp: ATen's at::parallel_for is inline and runs serially without it
     cxx = ["-O3", "-fopenmp", *os.environ.get("MEMDEC_FAST_CXX_FLAGS", "").split()]
-    info = {"cpu": True, "cuda": with_cuda, "cuda_archs": [], "cuda_version": None, "torch_built": torch.__version__}
+    info = {"cpu": True, "cuda": with_cuda, "cuda_archs": [], "cuda_version": None, "torch_built": torch.__version__,
+            "source_digest": source_digest()}
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs = []
     jobs, nvcc_threads = parallelism()
@@ -79,7 +110,7 @@ def extension():
 
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+        archs, why = cuda_archs()
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         info["cuda_archs"] = archs.replace(" ", ";").split(";")
         info["cuda_version"] = torch.version.cuda
@@ -88,8 +119,8 @@ def extension():
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
         nvcc = ["-O3", f"--threads={nvcc_threads}", "-lineinfo",
                 *os.environ.get("MEMDEC_FAST_NVCC_FLAGS", "").split()]
-        print(f"memdec_fast: CUDA {torch.version.cuda} from {cuda_home}, archs {archs}, "
-              f"MAX_JOBS={jobs}, NVCC_THREADS={nvcc_threads}")
+        progress(f"memdec_fast: compiling {len(sources)} files: CUDA {torch.version.cuda} from {cuda_home}, archs "
+                 f"{archs} ({why}), MAX_JOBS={jobs}, NVCC_THREADS={nvcc_threads}; a few minutes on 2 cores")
     info_macro = json.dumps(json.dumps(info, sort_keys=True))  # a C string literal of the JSON
     macros = [("MEMDEC_FAST_BUILD_INFO", info_macro)]
     if with_cuda:
@@ -108,7 +139,53 @@ def extension():
     )
 
 
+def progress(line: str, fd: int | None = None) -> None:
+    """Print a build progress line where the user sees it: pip hides the build's output unless run with -v, so
+    the line also goes to the terminal directly when there is one."""
+    if fd is None:
+        print(line, flush=True)
+    else:
+        os.write(fd, (line + "\n").encode())
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(line + "\n")
+    except OSError:
+        pass
+
+
+class ProgressBuildExtension(BuildExtension):
+    """BuildExtension that reports ninja's [done/total] steps with the elapsed time."""
+
+    def build_extensions(self):
+        read_fd, write_fd = os.pipe()
+        saved = os.dup(1)
+        os.dup2(write_fd, 1)  # ninja writes its status lines to our stdout
+        os.close(write_fd)
+        start = time.monotonic()
+
+        def relay():
+            with os.fdopen(read_fd, "rb") as pipe:
+                for raw in pipe:
+                    os.write(saved, raw)
+                    m = re.match(rb"\[(\d+)/(\d+)\]", raw)
+                    if m:
+                        # straight to the saved stdout: printing here would write into the pipe this thread drains
+                        progress(f"memdec_fast: compiled {int(m[1])}/{int(m[2])} "
+                                 f"({time.monotonic() - start:.0f} s)", fd=saved)
+
+        reader = threading.Thread(target=relay, daemon=True)
+        reader.start()
+        try:
+            super().build_extensions()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)  # closes the pipe's last write end: the reader sees EOF
+            reader.join(timeout=10)
+            os.close(saved)
+        progress(f"memdec_fast: extension built in {time.monotonic() - start:.0f} s")
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": ProgressBuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )

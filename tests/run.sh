@@ -1,17 +1,48 @@
 #!/usr/bin/env bash
-# Set up and run the test suite from a fresh checkout:
+# Run the test suite against memdec_fast installed in this Python environment:
 #   bash tests/run.sh [pytest args]
-# Creates .venv (if missing), installs torch 2.14.1 and memdec_fast with its test
-# extras (this builds the compiled extension), then runs pytest against the
-# installed package.
+# If the installed memdec_fast was built from this checkout (the README's `pip install .`, compared by source
+# digest, or an editable install of it), that build is reused: nothing is compiled twice. Otherwise the checkout
+# is installed first, which compiles the extension. The test extras come from the package's own metadata.
+# PYTHON picks the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-. .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.14.1"
-python -m pip install -q ".[test]"
-# `pytest` (not `python -m pytest`) keeps the checkout off sys.path, so the
-# installed package, with its compiled extension, is the one under test.
-exec pytest -q "$@"
+OUTSIDE=$(mktemp -d)  # run Python from here, so that the checkout does not shadow the installed package
+trap 'rm -rf "$OUTSIDE"' EXIT
+
+installed_state() {
+  (cd "$OUTSIDE" && "$PYTHON" - "$ROOT" <<'PY' 2>/dev/null) || echo none
+import os, sys
+import memdec_fast
+root = os.path.realpath(sys.argv[1])
+if os.path.realpath(memdec_fast.__file__).startswith(os.path.join(root, "")):
+    print("editable")
+else:
+    print(memdec_fast.build_info().get("source_digest", "unknown"))
+PY
+}
+
+state=$(installed_state)
+want=$("$PYTHON" memdec_fast/source_digest.py "$ROOT")
+if [ "$state" = editable ]; then
+  echo "tests/run.sh: testing the editable install of this checkout (rebuild the extension yourself after C++ changes)"
+elif [ "$state" = "$want" ]; then
+  echo "tests/run.sh: reusing the installed build of this checkout (source digest $want)"
+else
+  echo "tests/run.sh: installing this checkout (installed: $state, checkout: $want); this compiles the extension"
+  "$PYTHON" -m pip install -q .
+fi
+extras=$(cd "$OUTSIDE" && "$PYTHON" - <<'PY'
+import re
+from importlib.metadata import requires
+for r in requires("memdec_fast") or []:
+    if re.search(r"""extra\s*==\s*["']test["']""", r):
+        print(r.split(";")[0].strip())
+PY
+)
+# shellcheck disable=SC2086
+"$PYTHON" -m pip install -q $extras
+# pytest from outside the checkout's import path: the installed package, with its compiled extension, is tested
+exec "$PYTHON" -c 'import sys; sys.path.pop(0); import pytest; sys.exit(pytest.main(sys.argv[1:]))' -q "$@"
