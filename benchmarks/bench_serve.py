@@ -7,15 +7,16 @@ What it drives: the engine directly, through ``Engine.stream`` (the path the HTT
 request), without HTTP and JSON; it measures the engine, not the server's overhead.
 
 Load: a fixed-seed list of requests (token-id prompts of uniform random length, uniform random max_tokens),
-greedy. At concurrency c, c workers each send their next request as soon as their previous one ends (a closed
-loop) until the list is done. For each level: output tokens/s over the level's wall time, time to first token
-(from the request's send to its first token) and time between tokens (each gap between consecutive tokens of a
-request), p50 and p99. Baseline: the first --baseline-requests requests sent one at a time through
-``JointGenerator.generate`` in the same run (tokens/s and per-request latency).
+greedy. Concurrency c runs the first max(min_requests, 2c) requests of the list (at most all of it) with c
+closed-loop workers: each sends its next request as soon as its previous one ends. For each level: output
+tokens/s over the level's wall time (prefill included), time to first token (from the request's send to its
+first token) and time between tokens (each gap between consecutive tokens of a request), p50 and p99.
+Baseline, in the same run: the requests of concurrency 1 sent one at a time through ``JointGenerator.generate``.
+With several --dtype values, all of it runs once per dtype.
 
 Pair: random gpt2-small-shaped base (12 x 768, 12 heads) and Memory Decoder of the same shape, GPT-2's 50257
-tokens, a 256-position context (the longest request needs 128 + 64), float32, saved with save_pretrained to a
-temporary directory; a word-level tokenizer without EOS, so every request runs to its max_tokens.
+tokens, a 256-position context (the longest request needs 128 + 40), saved with save_pretrained to a temporary
+directory; a word-level tokenizer without EOS, so every request runs to its max_tokens.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ from memdec_fast.engine import Engine
 
 VOCAB = 50257
 LMBDA, KNN_TEMP = 0.25, 1.0
-FULL = {"dims": {"n_embd": 768, "n_layer": 12, "n_head": 12}, "requests": 64, "baseline_requests": 16,
-        "concurrency": [1, 8, 32, 64], "prompt_tokens": (16, 128), "new_tokens": (16, 64)}
-QUICK = {"dims": {"n_embd": 32, "n_layer": 2, "n_head": 4}, "requests": 8, "baseline_requests": 2,
+FULL = {"dims": {"n_embd": 768, "n_layer": 12, "n_head": 12}, "requests": 64, "min_requests": 8,
+        "concurrency": [1, 8, 32, 64], "prompt_tokens": (16, 128), "new_tokens": (8, 40)}
+QUICK = {"dims": {"n_embd": 32, "n_layer": 2, "n_head": 4}, "requests": 8, "min_requests": 2,
          "concurrency": [1, 4], "prompt_tokens": (4, 16), "new_tokens": (2, 8)}
 CONTEXT = 256
 
@@ -169,39 +170,45 @@ def targets(levels: list[dict], baseline: dict) -> dict:
     step1 = by_c[1]["itl_ms"]["p50"] if 1 in by_c else None
     speedup = by_c[c]["output_tokens_per_s"] / baseline["output_tokens_per_s"]
     itl_ratio = by_c[c]["itl_ms"]["p99"] / step1 if step1 else None
+    # the batching alone: the same engine at concurrency 1 (the baseline also differs in its decode path)
+    vs_c1 = by_c[c]["output_tokens_per_s"] / by_c[1]["output_tokens_per_s"] if 1 in by_c else None
     return {"concurrency": c, "batch1_step_ms": step1,
             "tokens_per_s_vs_one_at_a_time": round(speedup, 2), "tokens_per_s_target": 6.0,
+            "tokens_per_s_vs_engine_c1": None if vs_c1 is None else round(vs_c1, 2),
             "tokens_per_s_met": speedup >= 6.0,
             "p99_itl_vs_batch1_step": None if itl_ratio is None else round(itl_ratio, 2), "p99_itl_target": 3.0,
             "p99_itl_met": None if itl_ratio is None else itl_ratio <= 3.0}
 
 
 def plot(result: dict, path: Path) -> None:
+    """Throughput against p50/p99 latency, one point per concurrency, per dtype; one-at-a-time as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels, base = result["levels"], result["baseline"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    x = [lv["output_tokens_per_s"] for lv in levels]
-    for ax, key, title in ((axes[0], "itl_ms", "time between tokens"), (axes[1], "ttft_ms", "time to first token")):
-        for q, marker in (("p50", "o-"), ("p99", "s--")):
-            ax.plot(x, [lv[key][q] for lv in levels], marker, label=f"engine, {q}")
-        for lv in levels:
-            ax.annotate(f"c={lv['concurrency']}", (lv["output_tokens_per_s"], lv[key]["p99"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.axvline(base["output_tokens_per_s"], color="gray", ls=":",
-                   label=f"one at a time (generate): {base['output_tokens_per_s']:.1f} tok/s")
-        if key == "itl_ms":
-            ax.plot([base["output_tokens_per_s"]], [base["ms_per_token"]], "k^",
-                    label="one at a time: ms per token (prefill incl.)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = ("tab:blue", "tab:orange", "tab:green")
+    for run, color in zip(result["runs"], colors):
+        levels, base, dt = run["levels"], run["baseline"], run["dtype"]
+        x = [lv["output_tokens_per_s"] for lv in levels]
+        for ax, key in ((axes[0], "itl_ms"), (axes[1], "ttft_ms")):
+            for q, style in (("p50", "o-"), ("p99", "s--")):
+                ax.plot(x, [lv[key][q] for lv in levels], style, color=color, label=f"engine {dt}, {q}")
+            for lv in levels:
+                ax.annotate(f"c={lv['concurrency']}", (lv["output_tokens_per_s"], lv[key]["p99"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            ax.axvline(base["output_tokens_per_s"], color=color, ls=":",
+                       label=f"one at a time, generate, {dt}: {base['output_tokens_per_s']:.1f} tok/s")
+        axes[0].plot([base["output_tokens_per_s"]], [base["ms_per_token"]], "^", color=color,
+                     label=f"one at a time, {dt}: ms per token (prefill incl.)")
+    for ax, title in ((axes[0], "time between tokens"), (axes[1], "time to first token")):
         ax.set_xlabel("output tokens/s")
         ax.set_ylabel(f"{title} (ms)")
         ax.set_yscale("log")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle(f"bench_serve: {result['pair']}, {result['device']} ({result['threads']} threads), "
                  f"{result['date'][:10]}, {result['git_commit'][:7]}", fontsize=9)
     fig.tight_layout()
@@ -209,61 +216,72 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_dtype(base: Path, memory: Path, tok, dtype: str, reqs: list[dict], counts: dict[int, int],
+              prefill_chunk: int | None) -> dict:
+    """Baseline and every concurrency level, for one dtype."""
+    kw = {"lmbda": LMBDA, "knn_temp": KNN_TEMP, "device": "cpu", "dtype": getattr(torch, dtype), "tokenizer": tok}
+    gen = JointGenerator.from_pretrained(base, memory, **kw)
+    gen.generate(reqs[0]["prompt"][:8], max_new_tokens=2)  # warm-up
+    n_base = counts[min(counts)]
+    print(f"{dtype} baseline: {n_base} requests one at a time through JointGenerator.generate", file=sys.stderr)
+    baseline = run_baseline(gen, reqs[:n_base])
+    print(json.dumps(baseline), file=sys.stderr)
+    del gen
+    extra = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
+    engine = Engine.from_pretrained(base, memory, max_batch=max(counts), max_queue=len(reqs), **kw, **extra)
+    levels = []
+    try:
+        engine.submit(reqs[0]["prompt"][:8], max_new_tokens=2).result()  # warm-up
+        for c, n in counts.items():
+            print(f"{dtype} engine: {n} requests at concurrency {c}", file=sys.stderr)
+            levels.append(asyncio.run(run_level(engine, reqs[:n], c)))
+            print(json.dumps(levels[-1]), file=sys.stderr)
+    finally:
+        engine.close(timeout=0)
+    return {"dtype": dtype, "engine": {"max_batch": engine.max_batch, "max_queue": engine.max_queue,
+                                       "prefill_chunk": engine.prefill_chunk},
+            "baseline": baseline, "levels": levels, "targets": targets(levels, baseline)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny pair and few requests: a smoke run")
     p.add_argument("--out", type=Path, help="write the JSON here (and the PNG beside it, same stem)")
-    p.add_argument("--requests", type=int, help="requests per concurrency level")
-    p.add_argument("--baseline-requests", type=int, help="of those, how many go through generate one at a time")
+    p.add_argument("--requests", type=int, help="length of the request list (the most any level runs)")
+    p.add_argument("--min-requests", type=int, help="requests of the smallest levels (and of the baseline)")
     p.add_argument("--concurrency", type=int, nargs="+")
+    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
     p.add_argument("--prefill-chunk", type=int, help="the engine's prefill chunk (default: the engine's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     n = args.requests or cfg["requests"]
-    n_base = min(n, args.baseline_requests or cfg["baseline_requests"])
-    concurrency = args.concurrency or cfg["concurrency"]
+    low = min(n, args.min_requests or cfg["min_requests"])
+    counts = {c: min(n, max(low, 2 * c)) for c in sorted(args.concurrency or cfg["concurrency"])}
     reqs = request_mix(n, args.seed, cfg["prompt_tokens"], cfg["new_tokens"])
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         base, memory, tok = build_pair(Path(tmp), cfg["dims"])
-        kw = {"lmbda": LMBDA, "knn_temp": KNN_TEMP, "device": "cpu", "tokenizer": tok}
-        gen = JointGenerator.from_pretrained(base, memory, **kw)
-        gen.generate(reqs[0]["prompt"][:8], max_new_tokens=2)  # warm-up
-        print(f"baseline: {n_base} requests one at a time through JointGenerator.generate", file=sys.stderr)
-        baseline = run_baseline(gen, reqs[:n_base])
-        del gen
-        extra = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
-        engine = Engine.from_pretrained(base, memory, max_batch=max(concurrency), max_queue=n, **kw, **extra)
-        levels = []
-        try:
-            engine.submit(reqs[0]["prompt"][:8], max_new_tokens=2).result()  # warm-up
-            for c in concurrency:
-                print(f"engine: {n} requests at concurrency {c}", file=sys.stderr)
-                levels.append(asyncio.run(run_level(engine, reqs, c)))
-                print(json.dumps(levels[-1]), file=sys.stderr)
-            prefill_chunk = engine.prefill_chunk
-        finally:
-            engine.close(timeout=0)
+        runs = [run_dtype(base, memory, tok, dt, reqs, counts, args.prefill_chunk) for dt in args.dtype]
     result = {
         "benchmark": "bench_serve", "driven": "engine directly (Engine.stream), no HTTP",
         "pair": ("tiny random pair" if args.quick else "gpt2-small-shaped random base + Memory Decoder (12x768 each)")
-        + f", vocab {VOCAB}, context {CONTEXT}, float32",
+        + f", vocab {VOCAB}, context {CONTEXT}",
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "git_dirty": dirty_files(), "command": "python benchmarks/bench_serve.py " + " ".join(argv or sys.argv[1:]),
-        "load_average_start": load_start, "lmbda": LMBDA, "knn_temp": KNN_TEMP,
-        "engine": {"max_batch": max(concurrency), "max_queue": n, "prefill_chunk": prefill_chunk},
-        "mix": {"seed": args.seed, "requests": n, "prompt_tokens": list(cfg["prompt_tokens"]),
-                "new_tokens": list(cfg["new_tokens"]), "greedy": True},
-        "baseline": baseline, "levels": levels,
+        "git_commit": git_commit(), "git_dirty": dirty_files(),
+        "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "load_average_start": load_start, "load_average_end": load_average(), "lmbda": LMBDA, "knn_temp": KNN_TEMP,
+        "mix": {"seed": args.seed, "requests": n, "per_concurrency": {str(c): k for c, k in counts.items()},
+                "prompt_tokens": list(cfg["prompt_tokens"]), "new_tokens": list(cfg["new_tokens"]), "greedy": True},
+        "runs": runs,
     }
-    result["targets"] = targets(levels, baseline)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         plot(result, args.out.with_suffix(".png"))
-    print(json.dumps(result["targets"]))
+    for run in runs:
+        print(run["dtype"], json.dumps(run["targets"]))
     return result
 
 

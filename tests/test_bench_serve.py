@@ -29,16 +29,19 @@ def test_quick_run_reports_every_level_and_the_baseline(bench, tmp_path):
     for key in ("device", "torch", "date", "git_commit", "driven"):
         assert report[key]
     assert report["torch"] == torch.__version__
-    assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
-    want = sum(r["max_new_tokens"] for r in bench.request_mix(8, 0, bench.QUICK["prompt_tokens"],
-                                                              bench.QUICK["new_tokens"]))
-    for lv in report["levels"]:
-        assert lv["output_tokens"] == want  # no EOS: every request runs to its max_new_tokens
+    assert report["mix"]["per_concurrency"] == {"1": 2, "3": 6}
+    reqs = bench.request_mix(8, 0, bench.QUICK["prompt_tokens"], bench.QUICK["new_tokens"])
+    (run,) = report["runs"]
+    assert run["dtype"] == "float32"
+    assert [lv["concurrency"] for lv in run["levels"]] == [1, 3]
+    for lv, n in zip(run["levels"], (2, 6)):
+        assert lv["requests"] == n
+        assert lv["output_tokens"] == sum(r["max_new_tokens"] for r in reqs[:n])  # no EOS: all run to the end
         assert lv["output_tokens_per_s"] > 0
         for key in ("ttft_ms", "itl_ms"):
             assert 0 < lv[key]["p50"] <= lv[key]["p99"]
-    assert report["baseline"]["requests"] == 2 and report["baseline"]["output_tokens_per_s"] > 0
-    assert set(report["targets"]) >= {"tokens_per_s_vs_one_at_a_time", "p99_itl_vs_batch1_step"}
+    assert run["baseline"]["requests"] == 2 and run["baseline"]["output_tokens"] == run["levels"][0]["output_tokens"]
+    assert set(run["targets"]) >= {"tokens_per_s_vs_one_at_a_time", "p99_itl_vs_batch1_step"}
 
 
 def test_request_mix_is_fixed_by_its_seed(bench):
