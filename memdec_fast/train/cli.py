@@ -2,12 +2,15 @@
 
 Subcommands, in pipeline order::
 
-    memdec-fast train datastore --base BASE --corpus CORPUS.txt --out DS
+    memdec-fast train datastore --base BASE --corpus CORPUS.txt --out DS  [--overwrite]
     memdec-fast train targets   --datastore DS [--k 1024 --temperature 16]
-    memdec-fast train decoder   --datastore DS --init SMALL_LM --out MEMORY
-    memdec-fast train mlp       --datastore DS --base BASE --out MLP_MEMORY
-    memdec-fast train compare   [--base B --memory M --datastore DS --text HELDOUT.txt]   (default: the demo pair)
-    memdec-fast train demo-pair [--out DIR]                                               (regenerate the demo)
+    memdec-fast train decoder   --datastore DS --init SMALL_LM --out MEMORY [--tune-text VAL.txt]
+    memdec-fast train mlp       --datastore DS --base BASE --out MLP_MEMORY [--tune-text VAL.txt]
+    memdec-fast train compare   [--base B --memory M --datastore DS --text HELDOUT.txt [--tune-text VAL.txt]]
+    memdec-fast train demo-pair [--out DIR]                                  (regenerate the demo)
+
+Errors (a refused --out, a corrupt meta.json, a block longer than the base's
+context) are ValueErrors: ``memdec-fast`` prints them as one line and exits 2.
 """
 
 from __future__ import annotations

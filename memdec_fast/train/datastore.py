@@ -63,8 +63,12 @@ class Datastore:
             raise ValueError(f"datastore {path} is incomplete (state {meta.get('state')!r}, "
                              f"{meta.get('blocks_done')}/{meta.get('n_blocks')} blocks); rerun `memdec-fast train "
                              "datastore` with the same corpus and base to finish it, or with --overwrite")
+        try:
+            specs = _array_specs(meta)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{meta_file} is corrupt (bad or missing {err}); {_REBUILD}") from err
         arrays = []
-        for name, (dtype, shape) in _array_specs(meta).items():
+        for name, (dtype, shape) in specs.items():
             try:
                 a = np.load(path / f"{name}.npy", mmap_mode="r")
             except (OSError, ValueError) as err:
@@ -296,7 +300,7 @@ def _differences(meta: dict, ident: dict) -> list[str]:
         return ["format (written by an older memdec_fast, which recorded no base)"]
     words = {"corpus_sha1": "corpus", "block_size": "block size", "layer": "layer"}
     diff = [w for k, w in words.items() if meta.get(k) != ident[k]]
-    old_base = meta.get("base") or {}
+    old_base = meta.get("base") if isinstance(meta.get("base"), dict) else {}
     if {k: old_base.get(k) for k in ("class", "weights_sha1")} != {k: ident["base"][k] for k in ("class", "weights_sha1")}:
         diff.append(f"base ({old_base.get('name')} then, {ident['base']['name']} now)")
     return diff
@@ -314,10 +318,13 @@ def _check_same(meta_file: Path, meta: dict, ident: dict) -> None:
 def _arrays_hold(out: Path, meta: dict, raw: Path) -> bool:
     """Whether the arrays on disk have meta's shapes and tokens.npy holds the freshly tokenized corpus."""
     try:
-        arrays = {n: np.load(out / f"{n}.npy", mmap_mode="r") for n in ("tokens", "keys", "values")}
-    except (OSError, ValueError):
+        specs = _array_specs(meta)
+        if not 0 <= int(meta["blocks_done"]) <= int(meta["n_blocks"]):
+            return False
+        arrays = {n: np.load(out / f"{n}.npy", mmap_mode="r") for n in specs}
+    except (OSError, KeyError, TypeError, ValueError):
         return False
-    if any(arrays[n].dtype != dt or arrays[n].shape != shape for n, (dt, shape) in _array_specs(meta).items()):
+    if any(arrays[n].dtype != dt or arrays[n].shape != shape for n, (dt, shape) in specs.items()):
         return False
     have, n = arrays["tokens"], arrays["tokens"].shape[0]
     if raw.stat().st_size < 4 * n:

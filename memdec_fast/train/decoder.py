@@ -102,6 +102,10 @@ def train_memory_decoder(
     if model.get_output_embeddings().weight.shape[0] != ds.meta["vocab_size"]:
         raise ValueError(f"the decoder's vocabulary ({model.get_output_embeddings().weight.shape[0]}) differs "
                          f"from the datastore's ({ds.meta['vocab_size']}): they must share a tokenizer")
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len is not None and ds.block_size > max_len:
+        raise ValueError(f"the datastore's blocks ({ds.block_size} tokens) are longer than the decoder's context "
+                         f"({max_len} positions)")
     tok_src = tokenizer_dir if tokenizer_dir is not None else init
     tokenizer = load_tokenizer(tok_src)
     torch.manual_seed(cfg.seed)
