@@ -101,6 +101,19 @@ def test_requests_joining_and_leaving_mid_batch_equal_generate_alone(engines, re
     assert any(a - b and a & b for a, b in itertools.pairwise(batches))
 
 
+@pytest.mark.parametrize("memory", ["decoder", "mlp"])
+def test_prompts_admitted_together_prefill_in_one_padded_forward(ckpts, refs, memory):
+    kws = [{"max_new_tokens": 5}, {"max_new_tokens": 8}, {"max_new_tokens": 3}, {"max_new_tokens": 6}]
+    with Engine(load(ckpts, memory), max_batch=4, prefill_chunk=64) as engine:
+        with engine._sched.cond:  # all four wait until the loop admits them at once
+            futs = [engine.submit(p, **kw) for p, kw in zip(PROMPTS, kws)]
+        outs = [f.result(WAIT) for f in futs]
+        first = next(s for s in engine.trace if s["prefill"])
+    assert sorted(rid for rid, _, _ in first["prefill"]) == sorted(o.request_id for o in outs)
+    for prompt, kw, out in zip(PROMPTS, kws, outs):
+        assert_equals_alone(out, refs[memory], prompt, **kw)
+
+
 def test_seeded_requests_reproduce_and_equal_generate_alone(engines, refs):
     engine, ref = engines["decoder"], refs["decoder"]
     kw = {"max_new_tokens": 10, "temperature": 1.3, "top_k": 40, "top_p": 0.95}

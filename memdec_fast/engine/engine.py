@@ -344,14 +344,16 @@ class Engine:
     def _iteration(self) -> None:
         sched, step = self._sched, self._step
         record = {"prefill": [], "decode": []}
-        for req, start, end in sched.prefill_plan():
-            logits = step.prefill(req.slot, req.prompt[start:end], start)
-            req.computed = end
-            record["prefill"].append((req.request_id, start, end))
-            self.stats["prefill_chunks"] += 1
-            self.stats["prefill_tokens"] += end - start
-            if end == len(req.prompt):
-                self._emit(req, *step.sample(logits, req.params, req.rng))
+        plan = sched.prefill_plan()
+        if plan:
+            base_logits, mem_logits = step.prefill([(req.slot, req.prompt[start:end], start) for req, start, end in plan])
+            self.stats["prefill_chunks"] += len(plan)
+            for i, (req, start, end) in enumerate(plan):
+                req.computed = end
+                record["prefill"].append((req.request_id, start, end))
+                self.stats["prefill_tokens"] += end - start
+                if end == len(req.prompt):
+                    self._emit(req, *step.sample((base_logits[i : i + 1], mem_logits[i : i + 1]), req.params, req.rng))
         rows = sched.decode_rows()
         if rows:
             busy = [r for r in sched.admitted if r.slot is not None]

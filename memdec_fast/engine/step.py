@@ -1,8 +1,11 @@
 """The engine's model work over its cache slots: one prefill chunk of one request, or one decode step of all.
 
-Caches: per model and block, (k, v) [max_batch, H, S, Dh] with S the engine's context; row i is slot
-i. A request's token at position p is written to slot p of its row, so requests of any lengths share
-one batch without padding (see :meth:`memdec_fast.models.GPT2Runner.slot_forward`).
+Caches: per model and block, (k, v) [max_batch, H, S + 1, Dh] with S the engine's context; row i is
+slot i. A request's token at position p is written to slot p of its row, so requests of any lengths
+share one batch without left padding (see :meth:`memdec_fast.models.GPT2Runner.slot_forward`). Slot S
+is scratch: the right padding of a batched prefill writes there, and attention never reads it.
+
+Prefill: the chunks of one engine step, from any number of requests, run as one right-padded forward.
 
 A decode step runs rows [0, Bk), Bk being the batch bucket (next power of two, capped at max_batch)
 of the highest busy slot + 1, and reads cache slots [0, L), L the length bucket of the longest row.
@@ -74,7 +77,7 @@ class ModelStep:
         self.runners = [base] + ([memory] if self.decoder else [])
         self.reference = reference or not ops.compiled_available()
         self.on_device_rng = self.device.type == "cuda" and not self.reference
-        self.caches = [r.new_slot_caches(max_batch, context) for r in self.runners]
+        self.caches = [r.new_slot_caches(max_batch, context + 1) for r in self.runners]  # slot `context`: scratch
         self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] fed tokens
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] their positions
         self.table = ops.pack_row_params(max_batch, self.device)  # [max_batch, 7] sampling parameters per slot
@@ -129,16 +132,31 @@ class ModelStep:
     # -- prefill ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, slot: int, tokens: list[int], start: int) -> Logits:
-        """Write prompt tokens at positions [start, start + T) of `slot`; the logits after the last one ([1, V])."""
-        ids = torch.tensor([tokens], dtype=torch.int64, device=self.device)  # [1, T]
-        pos = torch.arange(start, start + len(tokens), device=self.device)[None]  # [1, T]
-        return self._forward(ids, pos, slice(slot, slot + 1), start + len(tokens))
+    def prefill(self, chunks: list[tuple[int, list[int], int]]) -> Logits:
+        """Write prompt chunks into their slots, in one right-padded forward; the logits after each chunk.
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: slice, length: int) -> Logits:
-        base_logits, hidden = self.base.slot_forward(ids, pos, self.caches[0], rows, length)
+        chunks: (slot, tokens, start): tokens go to positions [start, start + len(tokens)) of that
+        slot. Returns (base_logits, mem_logits) [len(chunks), V], row i after chunk i's last token.
+        """
+        B, T = len(chunks), max(len(t) for _, t, _ in chunks)
+        ids = torch.zeros(B, T, dtype=torch.int64)  # [B, T]; padding: token 0 ...
+        pos = torch.zeros(B, T, dtype=torch.int64)  # ... at position 0 (it attends slot 0 only) ...
+        slots = torch.full((B, T), self.context, dtype=torch.int64)  # ... written to the scratch slot
+        for i, (_, tokens, start) in enumerate(chunks):
+            n = len(tokens)
+            ids[i, :n] = torch.tensor(tokens)
+            pos[i, :n] = slots[i, :n] = torch.arange(start, start + n)
+        rows = torch.tensor([slot for slot, _, _ in chunks])  # [B]
+        last = torch.tensor([len(t) - 1 for _, t, _ in chunks])  # [B]
+        length = max(start + len(t) for _, t, start in chunks)
+        dev = [x.to(self.device) for x in (ids, pos, slots, rows, last)]
+        return self._forward(dev[0], dev[1], dev[3], length, dev[2], dev[4])
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: slice | torch.Tensor, length: int,
+                 slots: torch.Tensor | None = None, last: torch.Tensor | None = None) -> Logits:
+        base_logits, hidden = self.base.slot_forward(ids, pos, self.caches[0], rows, length, slots, last)
         if self.decoder:
-            mem_logits = self.memory.slot_forward(ids, pos, self.caches[1], rows, length)[0]
+            mem_logits = self.memory.slot_forward(ids, pos, self.caches[1], rows, length, slots, last)[0]
         else:
             mem_logits = self.memory(hidden)
         return base_logits[:, : self.vocab], mem_logits[:, : self.vocab]

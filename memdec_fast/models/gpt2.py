@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,19 +63,35 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def write_rows(
-    cache: tuple[torch.Tensor, torch.Tensor], input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write each row's keys and values at that row's own cache slots (no data-dependent control flow).
+class SlotCache(NamedTuple):
+    """One block's caller-owned cache, as a batch sees it (e.g. an engine's slots).
 
-    cache: (k, v) [B, H, S, Dh], possibly views of a larger cache (written through);
-    input_pos: [B, T] slots; k, v: [B, H, T, Dh].
+    k, v: [N, H, S, Dh], N cache rows of S slots; rows: the batch's rows, a slice (the reads are
+    views) or a LongTensor [B] (the reads gather); length: attention reads slots [0, length).
     """
-    ck, cv = cache
-    rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1], broadcast against input_pos [B, T]
-    ck[rows, :, input_pos] = k.transpose(1, 2)  # indexed as [B, T, H, Dh]
-    cv[rows, :, input_pos] = v.transpose(1, 2)
-    return ck, cv
+
+    k: torch.Tensor
+    v: torch.Tensor
+    rows: slice | torch.Tensor
+    length: int
+
+
+def write_rows(cache: SlotCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each row's keys and values at that row's own cache slots, then read its slots [0, length).
+
+    slots: [B, T]; k, v: [B, H, T, Dh] -> (k, v) [B, H, length, Dh]. No data-dependent control flow,
+    so that a decode step can be captured in a CUDA graph.
+    """
+    if isinstance(cache.rows, slice):
+        ck, cv = cache.k[cache.rows], cache.v[cache.rows]  # views, written through
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1], broadcast against slots [B, T]
+    else:
+        ck, cv, rows = cache.k, cache.v, cache.rows[:, None]
+    ck[rows, :, slots] = k.transpose(1, 2)  # indexed as [B, T, H, Dh]
+    cv[rows, :, slots] = v.transpose(1, 2)
+    if isinstance(cache.rows, slice):
+        return ck[:, :, : cache.length], cv[:, :, : cache.length]
+    return cache.k[cache.rows, :, : cache.length], cache.v[cache.rows, :, : cache.length]
 
 
 class Attention(nn.Module):
@@ -91,14 +108,14 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: SlotCache | None = None,
     ) -> torch.Tensor:
         # x: [B, T, D]; mask: [B, 1, T, S] bool (True = attend) or None for causal; input_pos: [T] or None (no cache),
-        # or with `cache` [B, T]: each row's own slots in the given (k, v) [B, H, S, Dh] instead of self.kv_cache
+        # or with `cache` [B, T]: each row's own slots in that cache instead of self.kv_cache
         B, T, D = x.shape
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(D, dim=-1))
         if cache is not None:
-            k, v = write_rows(cache, input_pos, k, v)  # [B, H, S, Dh]
+            k, v = write_rows(cache, input_pos, k, v)  # [B, H, S', Dh]
         elif input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H, S, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
@@ -176,7 +193,8 @@ class GPT2(nn.Module):
         input_pos: torch.Tensor | None = None,
         hidden_layer: int | None = None,
         tail: int | None = None,
-        caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        caches: list[SlotCache] | None = None,
+        last: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of every input position, and optionally the input of one block's MLP.
 
@@ -194,9 +212,12 @@ class GPT2(nn.Module):
         tail : int, optional
             Return logits (and hidden) for the last `tail` positions only (T' = tail),
             so that scoring a window's tail never holds the whole window's logits.
-        caches : list of (k, v) Tensors [B, H, S, Dh], one per block, optional
-            Caches owned by the caller (e.g. views of an engine's slots) used instead
-            of the model's own; input_pos is then [B, T], each row's own slots.
+        caches : list of SlotCache, one per block, optional
+            Caches owned by the caller (e.g. an engine's slots) used instead of the
+            model's own; input_pos is then [B, T], each row's own slots.
+        last : Tensor [B] int64, optional
+            Return logits (and hidden) for one position per row only (T' = 1): row
+            b's position last[b] (e.g. the last real token of a right-padded row).
 
         Returns
         -------
@@ -205,14 +226,18 @@ class GPT2(nn.Module):
         """
         x = self.wte(idx) + self.wpe(positions)  # [B, T, D]
         hidden = None
-        last = None if hidden_layer is None else hidden_layer % len(self.h)
+        tap = None if hidden_layer is None else hidden_layer % len(self.h)
         for i, block in enumerate(self.h):
             x = x + block.attn(block.ln_1(x), mask, input_pos, None if caches is None else caches[i])
             h = block.ln_2(x)
-            if i == last:
+            if i == tap:
                 hidden = h
             x = x + block.mlp(h)
-        if tail is not None:
+        if last is not None:
+            pick = torch.arange(x.shape[0], device=x.device), last
+            x = x[pick][:, None]
+            hidden = None if hidden is None else hidden[pick][:, None]
+        elif tail is not None:
             x = x[:, -tail:]
             hidden = None if hidden is None else hidden[:, -tail:]
         x = self.ln_f(x)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.gpt2 import GPT2, KVCache
+from memdec_fast.models.gpt2 import GPT2, KVCache, SlotCache
 
 Output = tuple[torch.Tensor, torch.Tensor | None]
 """(logits [B, V_model], hidden [B, D] or None); with forward(), both carry a T axis."""
@@ -114,31 +114,35 @@ class GPT2Runner:
     @torch.inference_mode()
     def slot_forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]],
-        rows: slice, length: int,
+        rows: slice | torch.Tensor, length: int, slots: torch.Tensor | None = None, last: torch.Tensor | None = None,
     ) -> Output:
-        """Run tokens of the cache rows `rows`, each row at its own positions; the last position's outputs.
+        """Run tokens in the cache rows `rows`, each row at its own positions; one position's outputs per row.
 
-        A row's token at position p is written to cache slot p and attends slots
-        [0, p], so rows of any lengths share one batch with no padding inside a
-        row. Static shapes and no host reads: a decode step of this call can be
-        captured in a CUDA graph.
+        A row's token at position p is written to cache slot p (or slots[b, t]) and attends
+        the row's slots s <= p, so rows of any lengths share one batch without left padding.
+        With a slice of rows, static shapes and no host reads: a decode step of this call can
+        be captured in a CUDA graph.
 
         Parameters
         ----------
         tokens, positions : Tensor [B, T] int64
-            B = the number of rows in `rows`; every position < length.
-        caches : per block (k, v) Tensors [slots, H, S, Dh], from :meth:`new_slot_caches`
-        rows : slice of the cache rows this batch runs in
-        length : int, the slots [0, length) attention reads (S' <= S)
+            Every position < length.
+        caches : per block (k, v) Tensors [N, H, S, Dh], from :meth:`new_slot_caches`
+        rows : slice of B cache rows (attention reads views), or LongTensor [B] (it gathers)
+        length : int, the slots [0, length) attention reads (length <= S)
+        slots : Tensor [B, T] int64, optional
+            Where each token's key and value go; default its position. Padding tokens of a
+            right-padded batch can go to a scratch slot >= length, which nothing reads.
+        last : Tensor [B] int64, optional; the index in T whose outputs each row returns (default T - 1)
 
         Returns
         -------
-        (logits [B, V_model], hidden [B, D] or None) of each row's last position
+        (logits [B, V_model], hidden [B, D] or None)
         """
-        kv = [(k[rows, :, :length], v[rows, :, :length]) for k, v in caches]  # views: [B, H, S', Dh]
-        slots = torch.arange(length, device=self.device)
-        mask = (slots <= positions[:, :, None])[:, None]  # [B, 1, T, S']
-        logits, hidden = self.model(tokens, positions, mask, positions, self.hidden_layer, tail=1, caches=kv)
+        kv = [SlotCache(k, v, rows, length) for k, v in caches]
+        mask = (torch.arange(length, device=self.device) <= positions[:, :, None])[:, None]  # [B, 1, T, length]
+        slots = positions if slots is None else slots
+        logits, hidden = self.model(tokens, positions, mask, slots, self.hidden_layer, tail=1, caches=kv, last=last)
         return logits[:, -1], None if hidden is None else hidden[:, -1]
 
     @torch.inference_mode()
