@@ -138,11 +138,14 @@ class CompletionServing:
                            "invalid_request_error", "model", "model_not_found")
         cid = f"cmpl-{uuid.uuid4().hex}"
         streams = self._open(req, cid)  # may raise ApiError; nothing is left running then
-        queue: asyncio.Queue = asyncio.Queue()
-        tasks = [self._spawn(self._pump(i, s, t0, queue)) for i, s in enumerate(streams)]
         if req.stream:
-            return self._sse(req, cid, tasks, queue)
-        return await self._collect(req, cid, tasks, queue)
+            # the pumps start with the body: a body never sent drops the streams, and the engine cancels them
+            return self._sse(req, cid, streams, t0)
+        return await self._collect(req, cid, streams, t0)
+
+    def _start(self, streams: list, t0: float) -> tuple[list[asyncio.Task], asyncio.Queue]:
+        queue: asyncio.Queue = asyncio.Queue()
+        return [self._spawn(self._pump(i, s, t0, queue)) for i, s in enumerate(streams)], queue
 
     # -- engine side ----------------------------------------------------------------------------
 
@@ -218,7 +221,8 @@ class CompletionServing:
             choice.offset += len(piece)
         return lp
 
-    async def _collect(self, req: CompletionRequest, cid: str, tasks: list, queue: asyncio.Queue) -> CompletionResponse:
+    async def _collect(self, req: CompletionRequest, cid: str, streams: list, t0: float) -> CompletionResponse:
+        tasks, queue = self._start(streams, t0)
         choices = [_Choice() for _ in tasks]
         lps: list[list[Logprobs]] = [[] for _ in tasks]
         pending = len(tasks)
@@ -249,7 +253,9 @@ class CompletionServing:
                                         finish_reason=c.finish_reason))
         return CompletionResponse(id=cid, model=self.model_name, choices=out, usage=_usage(choices))
 
-    async def _sse(self, req: CompletionRequest, cid: str, tasks: list, queue: asyncio.Queue) -> AsyncIterator[str]:
+    async def _sse(self, req: CompletionRequest, cid: str, streams: list, t0: float) -> AsyncIterator[str]:
+        tasks, queue = self._start(streams, t0)
+        del streams  # the pumps own them now
         choices = [_Choice() for _ in tasks]
         created = int(time.time())
         pending = len(tasks)
