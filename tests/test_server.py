@@ -388,6 +388,34 @@ def test_streaming_joined_equals_non_streaming(real):
         model=MODEL, **{k: v for k, v in cases[3].items() if k != "extra_body"}).choices[0].text
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [10**6]}, "prompt"),  # a token id outside the vocabulary
+    ({"prompt": "the fox", "max_tokens": 600}, "prompt"),  # prompt too long for the 512-token context
+    ({"prompt": "the fox", "stop": [""]}, "stop"),
+    ({"prompt": "the fox", "stop_token_ids": [10**6]}, "stop"),
+])
+def test_the_engines_value_errors_are_400_naming_the_field(real, body, param):
+    url, engine, _ = real
+    err = assert_error(post(url, {"model": MODEL, **body}), 400, param)
+    assert "max_new_tokens" not in err["message"]
+    assert engine.num_waiting == 0
+
+
+def test_token_id_prompts_and_several_prompts(real, reference):
+    url, _, _ = real
+    texts = ["the quick brown fox", "a plug and play memory", "memory"]
+    ids = [reference.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    c = client(url)
+    by_text = c.completions.create(model=MODEL, prompt=texts, max_tokens=12, temperature=0)
+    by_ids = c.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
+    one = c.completions.create(model=MODEL, prompt=ids[1], max_tokens=12, temperature=0)
+    assert [ch.text for ch in by_text.choices] == [ch.text for ch in by_ids.choices]
+    assert [ch.index for ch in by_ids.choices] == [0, 1, 2] and one.choices[0].text == by_ids.choices[1].text
+    assert [ch.text for ch in by_text.choices] == [expected(reference, t, 12)[0] for t in texts]
+    assert by_ids.usage.prompt_tokens == sum(len(i) for i in ids)
+
+
 def test_client_disconnect_mid_stream_cancels_and_frees_its_slot(real, reference):
     url, engine, _ = real
     before = metric(scrape(url), "memdec_fast_requests_total", 'outcome="cancelled"')
