@@ -25,6 +25,16 @@ def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | 
     Set ``app.state.draining = True`` to answer new completions (and /health)
     with 503 while the requests in flight finish.
 
+    Parameters
+    ----------
+    engine : memdec_fast.engine.Engine, or anything with its stream / tokenizer / num_waiting / num_running
+    model_name : str, the `model` clients must send
+    metrics : ServerMetrics, default one reading the engine's queue and batch gauges
+
+    Returns
+    -------
+    FastAPI
+
     Example
     -------
     >>> app = build_app(engine, "memdec-fast")
