@@ -129,7 +129,8 @@ def test_seeded_requests_reproduce_and_equal_generate_alone(engines, refs):
     assert_equals_alone(outs[3], ref, PROMPTS[3], seed=8, **kw)
     again = engine.submit(PROMPTS[0], seed=7, **kw).result(WAIT)
     assert again.token_ids == outs[0].token_ids
-    assert len(outs[1].token_ids) == 10
+    assert 1 <= len(outs[1].token_ids) <= 10  # unseeded: it may draw EOS
+    assert outs[1].finish_reason in ("length", "eos")
 
 
 def test_stop_token_id_finishes_with_stop_and_eos_with_eos(engines, refs, ckpts):
