@@ -15,7 +15,7 @@ Baseline, in the same run: the requests of concurrency 1 sent one at a time thro
 With several --dtype values, all of it runs once per dtype.
 
 Pair: random gpt2-small-shaped base (12 x 768, 12 heads) and Memory Decoder of the same shape, GPT-2's 50257
-tokens, a 256-position context (the longest request needs 128 + 40), saved with save_pretrained to a temporary
+tokens, a 256-position context (the longest request needs 64 + 40), saved with save_pretrained to a temporary
 directory; a word-level tokenizer without EOS, so every request runs to its max_tokens.
 """
 
@@ -49,7 +49,7 @@ from memdec_fast.engine import Engine
 VOCAB = 50257
 LMBDA, KNN_TEMP = 0.25, 1.0
 FULL = {"dims": {"n_embd": 768, "n_layer": 12, "n_head": 12}, "requests": 64, "min_requests": 8,
-        "concurrency": [1, 8, 32, 64], "prompt_tokens": (16, 128), "new_tokens": (8, 40)}
+        "concurrency": [1, 8, 32, 64], "prompt_tokens": (16, 64), "new_tokens": (8, 40)}
 QUICK = {"dims": {"n_embd": 32, "n_layer": 2, "n_head": 4}, "requests": 8, "min_requests": 2,
          "concurrency": [1, 4], "prompt_tokens": (4, 16), "new_tokens": (2, 8)}
 CONTEXT = 256
