@@ -239,6 +239,29 @@ def test_a_request_with_nan_logits_fails_alone(ckpts, refs):
             assert_equals_alone(f.result(WAIT), ref, p, max_new_tokens=6)
 
 
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(ckpts, refs, caplog):
+    with Engine(load(ckpts, "decoder"), max_batch=2) as engine:
+        decode, calls = engine._step.decode, []
+
+        def broken_once(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return decode(*args)
+
+        engine._step.decode = broken_once
+        with caplog.at_level(logging.ERROR, logger="memdec_fast.engine.engine"):
+            with engine._sched.cond:  # both run in the broken step
+                futs = [engine.submit(p, max_new_tokens=5) for p in PROMPTS[:2]]
+            for f in futs:
+                with pytest.raises(RequestFailed, match="boom"):
+                    f.result(WAIT)
+        assert "a step failed" in caplog.text
+        assert engine.num_running == 0
+        assert_equals_alone(engine.submit(PROMPTS[2], max_new_tokens=6).result(WAIT), refs["decoder"], PROMPTS[2],
+                            max_new_tokens=6)
+
+
 def test_overload_raises_at_once(ckpts):
     with Engine(load(ckpts, "decoder"), max_batch=1, max_queue=2) as engine:
         with engine._sched.cond:  # hold the loop off, so that nothing leaves the queue meanwhile
