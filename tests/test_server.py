@@ -534,7 +534,7 @@ def _serve_process(pair, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen,
 
 
 def test_sigterm_drains_requests_in_flight_and_exits_0(pair, tmp_path):
-    proc, url = _serve_process(pair, tmp_path, "--drain-timeout", "60")
+    proc, url = _serve_process(pair, tmp_path, "--drain-timeout", "60", "--prefill-chunk", "64", "--max-batch", "4")
     try:
         body = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 400, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
@@ -590,7 +590,7 @@ def test_serve_bad_arguments_exit_2_before_loading(tmp_path, capsys, monkeypatch
         except SystemExit as stop:  # argparse's own exits
             return stop.code
 
-    for flags in (["--port", "70000"], ["--port", "x"], ["--max-batch", "0"], ["--max-queue", "-1"],
+    for flags in (["--port", "70000"], ["--port", "x"], ["--max-batch", "0"], ["--max-queue", "-1"], ["--prefill-chunk", "0"],
                   ["--drain-timeout", "-1"], ["--lmbda", "2"], ["--dtype", "float8"], ["--host", "no.such.host."], ["--device", "tpu:x"]):
         assert run(flags) == 2, flags
         err = capsys.readouterr().err
