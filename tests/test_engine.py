@@ -396,3 +396,26 @@ def test_graph_replays_give_the_eager_engines_tokens(ckpts, memory):
             assert engine._step.replay == graphs
             assert bool(engine._step.graphs) == graphs
     assert outs[True] == outs[False]
+
+
+# -- the slot cache under the engine -------------------------------------------------------------
+
+def test_slot_forward_rows_at_their_own_positions_equal_full_forwards(ckpts):
+    from memdec_fast.models import GPT2, GPT2Runner
+
+    runner = GPT2Runner(GPT2.from_pretrained(ckpts["base"]))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 300, (9,), generator=g), torch.randint(0, 300, (4,), generator=g)
+    caches = runner.new_slot_caches(3, 16 + 1)  # slot 16: scratch
+    # a's first 6 tokens into row 2 and b's first 3 into row 0, one right-padded forward (rows gathered by index)
+    ids = torch.stack([a[:6], torch.cat([b[:3], torch.zeros(3, dtype=torch.int64)])])  # [2, 6]
+    pos = torch.stack([torch.arange(6), torch.tensor([0, 1, 2, 0, 0, 0])])
+    slots = torch.stack([torch.arange(6), torch.tensor([0, 1, 2, 16, 16, 16])])
+    logits, _ = runner.slot_forward(ids, pos, caches, torch.tensor([2, 0]), 6, slots, torch.tensor([5, 2]))
+    torch.testing.assert_close(logits[0], runner.forward(a[None, :6])[0][0, -1])
+    torch.testing.assert_close(logits[1], runner.forward(b[None, :3])[0][0, -1])
+    # then one token per row over the slice of rows 0..2; row 1 is free and feeds a dummy token at position 0
+    tok = torch.tensor([[b[3]], [0], [a[6]]])
+    logits, _ = runner.slot_forward(tok, torch.tensor([[3], [0], [6]]), caches, slice(0, 3), 8)
+    torch.testing.assert_close(logits[0], runner.forward(b[None, :4])[0][0, -1])
+    torch.testing.assert_close(logits[2], runner.forward(a[None, :7])[0][0, -1])
