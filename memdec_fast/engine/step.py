@@ -60,7 +60,7 @@ class ModelStep:
     base : GPT2Runner
     memory : GPT2Runner (a Memory Decoder) or MLPMemory (reads the base's hidden state)
     vocab : int, the tokenizer's vocabulary (padded logit rows are cut)
-    context : int, cache slots per row
+    context : int, positions per row (the caches hold one more slot: scratch for prefill padding)
     max_batch : int, cache rows
     reference : bool, sample with :mod:`memdec_fast.reference`
     cuda_graphs : bool, capture decode steps on CUDA (ignored elsewhere)
