@@ -114,12 +114,14 @@ def joint_logprobs(
     lmbda : float or Tensor [B]
         Weight of the memory, in [0, 1].
     knn_temp, base_temp : float or Tensor [B]
-        Softmax temperatures of the memory and the base, > 0.
+        Softmax temperatures of the memory and the base, in (0, 3.4e38] (float32's
+        largest). Any of them gives finite log-probs: logits are scaled as (x - max) / temp.
 
     Returns
     -------
     Tensor [B, V] float32
-        log p. Rows with NaN or +inf logits, or all -inf, are NaN.
+        log p. Rows with NaN or +inf logits, or all -inf, are NaN. Differentiable
+        with respect to the logits and to tensor lmbda, knn_temp and base_temp.
 
     Example
     -------
@@ -158,6 +160,7 @@ def target_logprobs(
         log p, log p_base and log p_mem of each target. Because base and mem
         are returned, log p for any other lmbda is
         ``logaddexp(log(1 - l) + base, log(l) + mem)`` without re-running models.
+        All three are differentiable, as in :func:`joint_logprobs`.
 
     Example
     -------
@@ -217,6 +220,9 @@ def sample(
     logprobs : Tensor [B] float32
         log p of each chosen token under the unfiltered mixture (NaN if invalid).
 
+    Neither output requires grad: sampling is not differentiable (use
+    :func:`target_logprobs` on the tokens for a differentiable log p).
+
     Example
     -------
     >>> tokens, logprobs = sample(torch.randn(4, 100), torch.randn(4, 100), lmbda=0.3, top_p=0.9)
@@ -248,8 +254,8 @@ def sample_rows(
     """:func:`sample` with parameters already packed by :func:`pack_row_params`.
 
     This is the hot-path entry for callers that keep a static [B, 7] parameter
-    buffer (the CUDA-graph decode step): it checks shapes only, not values,
-    and never synchronises. Requires the compiled extension.
+    buffer (the CUDA-graph decode step): it checks shapes and devices, not
+    values, and never synchronises. Requires the compiled extension.
     """
     require_compiled()
     check_devices(base_logits, mem_logits=mem_logits, row_params=row_params)

@@ -199,7 +199,7 @@ def sample(
     tokens = torch.where(bad, torch.full_like(tokens, -1), tokens)
     chosen = logp.gather(1, tokens.clamp_min(0)[:, None]).squeeze(1)
     chosen = torch.where(bad, torch.full_like(chosen, math.nan), chosen)
-    return tokens, chosen.float()
+    return tokens, chosen.float().detach()  # sampling is not differentiable, as in the compiled op
 
 
 def mixture_vjp(

@@ -400,7 +400,10 @@ def test_sample_is_not_differentiable(device):
     base, mem = sample_inputs(3, 40, device)
     base = base.detach().requires_grad_()
     lmbda = per_row(3, 0.2, 0.8, device).requires_grad_()
-    for tokens, logprobs in (ops.sample(base, mem, lmbda), ops.sample_rows(base, mem, ops.pack_row_params(3, device))):
+    rp = ops.pack_row_params(3, device, lmbda=lmbda)
+    assert rp.requires_grad
+    for tokens, logprobs in (ops.sample(base, mem, lmbda), reference.sample(base, mem, lmbda),
+                             ops.sample_rows(base, mem, rp)):
         assert not tokens.requires_grad and not logprobs.requires_grad
 
 
