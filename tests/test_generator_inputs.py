@@ -167,6 +167,9 @@ def _with_config(tmp_path: Path, src: Path, **changes) -> Path:
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096},
      "num_hidden_layers=32"),
     ({"n_layer": 1_000_000_000}, "n_layer=1000000000"),
+    # sizes that agree, names that do not: caught by building the model on the meta device, before any allocation
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 3, "hidden_size": 48,
+      "num_attention_heads": 3}, "do not fit its config.json"),
     ({"n_embd": 64}, "n_embd=64"),
 ])
 def test_a_config_that_does_not_match_its_weights_is_refused_at_once(tmp_path, ckpts, changes, match):

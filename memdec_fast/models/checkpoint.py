@@ -168,8 +168,7 @@ def check_config_against_weights(name_or_path: str | os.PathLike, config: dict |
     config = load_config(name_or_path) if config is None else config
     shapes = weight_shapes(weight_files(name_or_path))
     blocks = {int(m.group(1)) for k in shapes if (m := _BLOCK_INDEX.search(k))}
-    key = next((k for k in _LAYER_KEYS if isinstance(config.get(k), int)), None)
-    if key is not None:
+    for key in (k for k in _LAYER_KEYS if isinstance(config.get(k), int)):  # every one given must hold
         n = config[key]
         if not blocks and n > 0:
             raise ValueError(f"{where}: config.json says {key}={n}, but no tensor in its weights belongs to a block; "
@@ -178,8 +177,9 @@ def check_config_against_weights(name_or_path: str | os.PathLike, config: dict |
             raise ValueError(f"{where}: config.json says {key}={n}, but the weights hold {max(blocks) + 1} blocks")
     width_key = next((k for k in _WIDTH_KEYS if isinstance(config.get(k), int)), None)
     heads_key = next((k for k in ("n_head", "num_attention_heads") if isinstance(config.get(k), int)), None)
-    if width_key is not None and heads_key is not None and (config[heads_key] < 1
-                                                            or config[width_key] % config[heads_key]):
+    has_attention = any("attn" in k or "attention" in k for k in shapes)  # an MLP Memory's n_head means nothing
+    if has_attention and width_key is not None and heads_key is not None and (
+            config[heads_key] < 1 or config[width_key] % config[heads_key]):
         raise ValueError(f"{where}: config.json's {heads_key}={config[heads_key]} does not divide "
                          f"{width_key}={config[width_key]}")
     embedding = next((v for k, v in shapes.items() if k.endswith(_EMBEDDINGS) and len(v) == 2), None)

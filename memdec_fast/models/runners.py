@@ -18,7 +18,10 @@ positions it would see alone.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -184,12 +187,15 @@ class HFRunner:
             mlp = self._blocks()[self.hidden_layer].mlp
             self._hook = mlp.register_forward_pre_hook(lambda _m, args: setattr(self, "_captured", args[0]))
 
-    def _run(self, **kw) -> Output:
+    def _run(self, cache=None, **kw) -> Output:
         self._capture()
-        out = self.model(**kw, use_cache="past_key_values" in kw)
+        if cache is None:
+            out = self.model(**kw, use_cache=False)
+        else:
+            name = cache_argument(self.model)
+            out = self.model(**kw, **{name: cache}, use_cache=True)
+            self.cache = getattr(out, name)
         hidden, self._captured = self._captured, None
-        if "past_key_values" in kw:
-            self.cache = out.past_key_values
         return out.logits, hidden
 
     @torch.inference_mode()
@@ -199,7 +205,7 @@ class HFRunner:
         self.mask = attention_mask.long()  # [B, T], grows by one column per step
         logits, hidden = self._run(
             input_ids=input_ids, attention_mask=self.mask, position_ids=_positions(attention_mask),
-            past_key_values=DynamicCache(config=self.model.config),
+            cache=DynamicCache(config=self.model.config),
         )
         self.positions = self.mask.sum(-1, keepdim=True)
         return logits[:, -1], None if hidden is None else hidden[:, -1]
@@ -208,7 +214,7 @@ class HFRunner:
     def decode(self, tokens: torch.Tensor) -> Output:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         logits, hidden = self._run(
-            input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.positions, past_key_values=self.cache
+            input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.positions, cache=self.cache
         )
         self.positions = self.positions + 1
         return logits[:, -1], None if hidden is None else hidden[:, -1]
@@ -225,6 +231,35 @@ class HFRunner:
         return logits[:, -last:], None if hidden is None else hidden[:, -last:]
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name a transformers model's forward gives its KV cache: ``cache`` in transformers 5.x, where
+    ``past_key_values`` is deprecated (a FutureWarning on every call), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _check_transformers_weights(name_or_path: str | os.PathLike, config: dict) -> None:
+    """Build the model on the meta device (free) and refuse weights that do not fit it, before transformers would
+    fill the gaps with gigabytes of random initialisation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = os.fspath(name_or_path)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path))
+    except Exception as err:  # unknown model types and bad configs raise many types
+        raise ValueError(f"{where}: transformers cannot build this config ({err})") from err
+    shapes = checkpoint.weight_shapes(checkpoint.weight_files(name_or_path))
+    prefixes = ("", f"{model.base_model_prefix}.")
+    found = {k.removeprefix(p): v for k, v in shapes.items() for p in prefixes if k.startswith(p)}
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k.removeprefix(f"{model.base_model_prefix}.") not in found and k not in found
+               and k not in tied and not (config.get("tie_word_embeddings", True) and k.endswith("lm_head.weight"))]
+    if missing:
+        raise ValueError(f"{where}: its weights do not fit its config.json ({config.get('model_type')!r}): "
+                         f"{len(missing)} of {len(expected)} tensors missing, e.g. {missing[:3]}")
+
+
 def load_causal_lm(
     name_or_path: str | os.PathLike, device: torch.device, dtype: torch.dtype, lean: bool = True
 ) -> GPT2Runner | HFRunner:
@@ -238,11 +273,28 @@ def load_causal_lm(
         return GPT2Runner(GPT2.from_pretrained(name_or_path, device=device, dtype=dtype))
     from transformers import AutoModelForCausalLM
 
+    checkpoint.check_config_against_weights(name_or_path, config)
+    _check_transformers_weights(name_or_path, config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except Exception as err:  # transformers raises many types for unreadable checkpoints
         raise ValueError(f"{os.fspath(name_or_path)}: transformers could not load it ({err})") from err
     return HFRunner(model.to(device))
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bar from transformers: normal use prints only our own words and progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def as_runner(model: torch.nn.Module | GPT2Runner | HFRunner) -> GPT2Runner | HFRunner:
