@@ -24,6 +24,7 @@ from memdec_fast.generation import checks, cuda_graph, hf_args
 from memdec_fast.generation.penalty import RepetitionPenalty
 from memdec_fast.generation.requests import (
     Prompts,
+    check_prompt_length,
     check_request,
     encode_prompts,
     left_pad,
@@ -342,12 +343,7 @@ class JointGenerator:
                 _repeat_rows(v, n) for v in (temperature, top_k, top_p, min_p, lmbda)
             )
         check_request(max_new_tokens, seed)
-        longest = max(len(r) for r in rows)
-        if longest + max_new_tokens - 1 > self._context:
-            raise ValueError(
-                f"prompt too long: {longest} prompt tokens + max_new_tokens={max_new_tokens} need "
-                f"{longest + max_new_tokens - 1} positions, but the context window is {self._context}"
-            )
+        check_prompt_length(max(len(r) for r in rows), max_new_tokens, self._context)
         params = sampling_params(
             len(rows), self.device, lmbda=self.lmbda if lmbda is None else lmbda, knn_temp=self.knn_temp,
             base_temp=self.base_temp, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

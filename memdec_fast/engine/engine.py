@@ -23,7 +23,6 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Self
 
 import torch
 
@@ -31,7 +30,13 @@ from memdec_fast.engine.bridge import FutureSink, RequestStream, StreamChannel
 from memdec_fast.engine.scheduler import Request, Scheduler, Sink
 from memdec_fast.engine.step import ModelStep, batch_bucket
 from memdec_fast.engine.types import EngineClosed, RequestFailed, RequestOutput, StreamDelta
-from memdec_fast.generation.requests import check_request, encode_prompts, parse_stop, sampling_params
+from memdec_fast.generation.requests import (
+    check_prompt_length,
+    check_request,
+    encode_prompts,
+    parse_stop,
+    sampling_params,
+)
 from memdec_fast.generator import JointGenerator
 from memdec_fast.models import checkpoint
 
@@ -45,16 +50,6 @@ SAMPLING = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, 
 
 PREFILL_CHUNK = 512
 """Default prompt tokens prefilled per engine step (summed over requests)."""
-
-
-def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
-    """ValueError when the prompt and its new tokens need more positions than the context holds."""
-    # the same rule and words as JointGenerator's check (the last token needs no forward)
-    if prompt_tokens + max_new_tokens - 1 > context:
-        raise ValueError(
-            f"prompt too long: {prompt_tokens} prompt tokens + max_new_tokens={max_new_tokens} need "
-            f"{prompt_tokens + max_new_tokens - 1} positions, but the context window is {context}"
-        )
 
 
 class Engine:
@@ -191,7 +186,7 @@ class Engine:
                 self._sched.cond.notify_all()
             thread.join()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Engine:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:

@@ -90,6 +90,16 @@ def refuse_bytes(name: str, value) -> None:
             f"{name}: got bytes; pass text as str (e.g. value.decode('utf-8')) or token ids as a list of ints")
 
 
+def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """ValueError when a prompt and its new tokens need more positions than the context holds (the last token needs
+    no forward)."""
+    if prompt_tokens + max_new_tokens - 1 > context:
+        raise ValueError(
+            f"prompt too long: {prompt_tokens} prompt tokens + max_new_tokens={max_new_tokens} need "
+            f"{prompt_tokens + max_new_tokens - 1} positions, but the context window is {context}"
+        )
+
+
 def check_request(max_new_tokens: int, seed: int | None) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
