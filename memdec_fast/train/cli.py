@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from memdec_fast.cli import HelpFormatter, _positive_float, _positive_int
+
 __all__ = ["register"]
 
 
@@ -136,29 +138,6 @@ def cmd_demo_pair(args: argparse.Namespace) -> int:
     return 0
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none to show (None, or a flag's False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return v
-
-
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the memory's directory")
     p.add_argument("--overwrite", action="store_true",
@@ -184,11 +163,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     """Add ``train`` and its subcommands to the ``memdec-fast`` parser."""
     train = subparsers.add_parser("train", help="build a memory for your own corpus (datastore, kNN targets, ...)",
-                                  formatter_class=_HelpFormatter)
+                                  formatter_class=HelpFormatter)
     sub = train.add_subparsers(dest="train_command", required=True, metavar="STEP")
 
     def step(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
 
     p = step("datastore", "keys (base hidden states) and values (next tokens) over a corpus")
     p.add_argument("--base", required=True, help="Hugging Face directory of the base LM")
