@@ -312,13 +312,14 @@ def test_nan_logits_of_a_finished_row_still_in_the_batch_are_not_fed_back(ckpts,
 
 
 def test_other_architectures_fall_back_to_transformers(tmp_path, ckpts, tokenizer):
-    """A Llama base runs through transformers, with a Memory Decoder or an MLP Memory on its h[-1] MLP input."""
+    """A base memdec_fast's lean models refuse (here a Llama with dynamic rope scaling) runs through transformers,
+    with a Memory Decoder or an MLP Memory on its h[-1] MLP input."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
-                      bos_token_id=0, eos_token_id=0)
+                      bos_token_id=0, eos_token_id=0, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     llama = LlamaForCausalLM(cfg).eval()
     llama.save_pretrained(tmp_path / "llama")
     tokenizer.save_pretrained(tmp_path / "llama")

@@ -63,8 +63,8 @@ class Engine:
     Parameters
     ----------
     generator : JointGenerator
-        Already loaded models (memdec_fast's GPT-2 base; a GPT-2 Memory Decoder or an MLP
-        Memory). The engine owns them from now on: do not generate with the generator
+        Already loaded models (a base on memdec_fast's lean GPT-2 or Llama family; a lean
+        Memory Decoder or an MLP Memory). The engine owns them from now on: do not generate with the generator
         while the engine runs. Bases or memories running in transformers raise ValueError.
     max_batch : int
         Cache slots: requests decoding at once. The caches of all slots are allocated here

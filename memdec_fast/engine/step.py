@@ -2,7 +2,7 @@
 
 Caches: per model and block, (k, v) [max_batch, H, S + 1, Dh] with S the engine's context; row i is
 slot i. A request's token at position p is written to slot p of its row, so requests of any lengths
-share one batch without left padding (see :meth:`memdec_fast.models.GPT2Runner.slot_forward`). Slot S
+share one batch without left padding (see :meth:`memdec_fast.models.LeanRunner.slot_forward`). Slot S
 is scratch: the right padding of a batched prefill writes there, and attention never reads it.
 
 Prefill: the chunks of one engine step, from any number of requests, run as one right-padded forward.
@@ -27,7 +27,7 @@ import torch
 
 from memdec_fast import ops, reference
 from memdec_fast.generation import cuda_graph
-from memdec_fast.models import GPT2Runner, MLPMemory
+from memdec_fast.models import LeanRunner, MLPMemory
 from memdec_fast.params import Param
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,11 @@ def batch_bucket(rows: int, max_batch: int) -> int:
 def unsupported_model(base: object, memory: object) -> str | None:
     """Why the engine cannot serve these models, or None."""
     for name, m in (("base", base), ("memory", memory)):
-        if not isinstance(m, (GPT2Runner, MLPMemory)) or (name == "base" and isinstance(m, MLPMemory)):
+        if not isinstance(m, (LeanRunner, MLPMemory)) or (name == "base" and isinstance(m, MLPMemory)):
             model = getattr(m, "model", m)
             arch = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
             return (f"the {name} is a {arch!r} model running in transformers; the engine's slot cache serves "
-                    "memdec_fast's lean GPT-2 only (other architectures are a later issue): use JointGenerator")
+                    "memdec_fast's lean models only (GPT-2, Llama, Qwen2, Mistral): use JointGenerator")
     return None
 
 
@@ -57,8 +57,8 @@ class ModelStep:
 
     Parameters
     ----------
-    base : GPT2Runner
-    memory : GPT2Runner (a Memory Decoder) or MLPMemory (reads the base's hidden state)
+    base : LeanRunner
+    memory : LeanRunner (a Memory Decoder) or MLPMemory (reads the base's hidden state)
     vocab : int, the tokenizer's vocabulary (padded logit rows are cut)
     context : int, positions per row (the caches hold one more slot: scratch for prefill padding)
     max_batch : int, cache rows
@@ -66,14 +66,14 @@ class ModelStep:
     cuda_graphs : bool, capture decode steps on CUDA (ignored elsewhere)
     """
 
-    def __init__(self, base: GPT2Runner, memory: GPT2Runner | MLPMemory, vocab: int, context: int, max_batch: int,
+    def __init__(self, base: LeanRunner, memory: LeanRunner | MLPMemory, vocab: int, context: int, max_batch: int,
                  reference: bool = False, cuda_graphs: bool = True):
         reason = unsupported_model(base, memory)
         if reason is not None:
             raise ValueError(f"Engine: {reason}")
         self.base, self.memory, self.vocab, self.context, self.max_batch = base, memory, vocab, context, max_batch
         self.device = base.device
-        self.decoder = isinstance(memory, GPT2Runner)
+        self.decoder = isinstance(memory, LeanRunner)
         self.runners = [base] + ([memory] if self.decoder else [])
         self.reference = reference or not ops.compiled_available()
         self.on_device_rng = self.device.type == "cuda" and not self.reference

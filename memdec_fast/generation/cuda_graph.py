@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from memdec_fast import ops
-from memdec_fast.models import GPT2Runner, MLPMemory
+from memdec_fast.models import LeanRunner, MLPMemory
 from memdec_fast.models.runners import DecodeState
 from memdec_fast.params import Param
 
@@ -102,10 +102,10 @@ def unsupported_reason(
         return "reference=True runs the reference ops"
     if not compiled:
         return "the compiled extension memdec_fast._C is missing (the graph samples with its CUDA kernel)"
-    if not isinstance(base, GPT2Runner):
-        return "the base runs in transformers (only memdec_fast's GPT-2 has a static cache)"
-    if memory is not None and not isinstance(memory, (GPT2Runner, MLPMemory)):
-        return "the memory runs in transformers (only memdec_fast's GPT-2 has a static cache)"
+    if not isinstance(base, LeanRunner):
+        return "the base runs in transformers (only memdec_fast's GPT-2 and Llama family have a static cache)"
+    if memory is not None and not isinstance(memory, (LeanRunner, MLPMemory)):
+        return "the memory runs in transformers (only memdec_fast's GPT-2 and Llama family have a static cache)"
     return None
 
 
@@ -125,7 +125,7 @@ def decode_graphs(
 class _Entry:
     """The static buffers of one (batch bucket, cache length) graph."""
 
-    states: list[DecodeState]  # one per GPT-2 runner: the base, then a Memory Decoder
+    states: list[DecodeState]  # one per lean runner: the base, then a Memory Decoder
     tokens: torch.Tensor  # [bucket] int64: read by the step, then overwritten with its samples
     logprobs: torch.Tensor  # [bucket] float32
     table: torch.Tensor  # [bucket, 7] float32 sampling parameters
@@ -137,8 +137,8 @@ class DecodeGraphs:
 
     Parameters
     ----------
-    base : GPT2Runner
-    memory : GPT2Runner, MLPMemory, or None for the base alone (sampling its own logits with lmbda 0)
+    base : LeanRunner (GPT2Runner or LlamaRunner)
+    memory : LeanRunner, MLPMemory, or None for the base alone (sampling its own logits with lmbda 0)
     vocab : int, the tokenizer's vocabulary; padded logit rows are cut
     context : int, the longest cache either model may use
     side : torch.cuda.Stream for a Memory Decoder's work, or None
@@ -156,19 +156,19 @@ class DecodeGraphs:
     """
 
     def __init__(
-        self, base: GPT2Runner, memory: GPT2Runner | MLPMemory | None, vocab: int, context: int,
+        self, base: LeanRunner, memory: LeanRunner | MLPMemory | None, vocab: int, context: int,
         side: torch.cuda.Stream | None, max_batch: int = MAX_BATCH, replay: bool = True,
     ):
         self.base, self.memory, self.vocab, self.context, self.max_batch = base, memory, vocab, context, max_batch
         self.device, self.replay = base.device, replay
-        self.decoder = isinstance(memory, GPT2Runner)
+        self.decoder = isinstance(memory, LeanRunner)
         self.side = side if self.decoder else None
         self.runners = [base] + ([memory] if self.decoder else [])
         self.rng = torch.Generator(self.device)
         if replay:
             self.stream = torch.cuda.Stream(self.device)  # warm-up and capture
             self.mempool = torch.cuda.graph_pool_handle()  # shared: graphs replay one at a time
-        self.pools: list[torch.Tensor] = []  # per runner: [2 * n_layer, capacity * n_embd]
+        self.pools: list[torch.Tensor] = []  # per runner: [2 * n_layer, capacity * kv_width]
         self.capacity = 0  # batch rows x cache slots the pools hold
         self.entries: dict[tuple[int, int], _Entry] = {}
         self._too_big_logged = False
@@ -220,16 +220,14 @@ class DecodeGraphs:
             self.drop_pools()  # before allocating, so that the old and new pools are never alive at once
             self.pools = [
                 # empty: each session zeroes the slots its prompt does not fill (see zero_slots)
-                torch.empty(2 * r.num_layers, bucket * slots * r.hidden_size, dtype=r.model.wte.weight.dtype,
-                            device=self.device)
+                torch.empty(2 * r.num_layers, bucket * slots * r.kv_width, dtype=r.dtype, device=self.device)
                 for r in self.runners
             ]
             self.capacity = bucket * slots
         states = []
         for runner, pool in zip(self.runners, self.pools):
-            heads = runner.model.config.n_head
-            shape = (bucket, heads, slots, runner.hidden_size // heads)  # a contiguous prefix of each pool row
-            views = [row[: bucket * slots * runner.hidden_size].view(shape) for row in pool]
+            shape = (bucket, runner.kv_heads, slots, runner.head_dim)  # a contiguous prefix of each pool row
+            views = [row[: bucket * slots * runner.kv_width].view(shape) for row in pool]
             states.append(DecodeState(
                 list(zip(views[0::2], views[1::2])),
                 torch.zeros(bucket, slots, dtype=torch.bool, device=self.device),

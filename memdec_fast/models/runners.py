@@ -1,4 +1,4 @@
-"""Runners: one interface over a left-padded batch, for our GPT-2 and for any transformers LM.
+"""Runners: one interface over a left-padded batch, for our lean models and for any transformers LM.
 
 A runner owns its cache, the position of each row and the attention mask, so
 the generator drives any causal LM the same way:
@@ -9,7 +9,7 @@ the generator drives any causal LM the same way:
 - ``keep_rows(rows)`` drops finished rows from the batch;
 - ``forward(input_ids)`` scores a full unpadded window without any cache.
 
-GPT-2 runners also serve the engine's slots (:meth:`GPT2Runner.slot_forward`):
+Lean runners (GPT-2, Llama family) also serve the engine's slots (:meth:`LeanRunner.slot_forward`):
 a cache owned by the caller, one row per request, each row at its own length.
 
 Positions count only real tokens, so a left-padded row sees the same
@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from memdec_fast.models import checkpoint
+from memdec_fast.models import checkpoint, llama
 from memdec_fast.models.gpt2 import GPT2, KVCache, SlotCache
+from memdec_fast.models.llama import Llama
+
+logger = logging.getLogger(__name__)
 
 Output = tuple[torch.Tensor, torch.Tensor | None]
 """(logits [B, V_model], hidden [B, D] or None); with forward(), both carry a T axis."""
@@ -40,26 +44,34 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DecodeState:
-    """Everything a GPT-2 decode step reads and advances in place; a CUDA graph holds these addresses."""
+    """Everything a lean runner's decode step reads and advances in place; a CUDA graph holds these addresses."""
 
-    caches: list[tuple[torch.Tensor, torch.Tensor]]  # per block (k, v): [B, H, S, Dh]
+    caches: list[tuple[torch.Tensor, torch.Tensor]]  # per block (k, v): [B, Hkv, S, Dh]
     valid: torch.Tensor  # [B, S] bool: cache slots holding a real key
     positions: torch.Tensor  # [B, 1] int64: next position id of each row
     input_pos: torch.Tensor  # [1] int64: next cache slot
 
 
-class GPT2Runner:
-    """Drives :class:`GPT2` with its static cache."""
+class LeanRunner:
+    """Drives a memdec_fast model with a static cache (:class:`GPT2`, :class:`Llama`): the subclasses say which.
 
-    def __init__(self, model: GPT2):
-        self.model = model
+    Attributes
+    ----------
+    vocab_size, max_context, hidden_size, num_layers : int
+    kv_heads, head_dim : int, the shape of one block's cache [B, kv_heads, S, head_dim]
+    dtype, device : of the weights and caches
+    """
+
+    def __init__(self, model: GPT2 | Llama, blocks: torch.nn.ModuleList, embedding: torch.Tensor):
+        self.model, self._blocks = model, blocks
         self.hidden_layer: int | None = None
         self.valid: torch.Tensor | None = None
-        c = model.config
-        self.vocab_size, self.max_context, self.hidden_size, self.num_layers = (
-            c.vocab_size, c.n_positions, c.n_embd, c.n_layer,
-        )
-        self.device = model.wte.weight.device
+        self.dtype, self.device = embedding.dtype, embedding.device
+
+    @property
+    def kv_width(self) -> int:
+        """kv_heads x head_dim: the elements of one key (or value) of one token in one block."""
+        return self.kv_heads * self.head_dim
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> Output:
@@ -99,19 +111,19 @@ class GPT2Runner:
 
     def bind(self, state: DecodeState) -> None:
         """Prefill and decode into `state`'s tensors from now on (their shapes must then match)."""
-        for block, (k, v) in zip(self.model.h, state.caches, strict=True):
+        for block, (k, v) in zip(self._blocks, state.caches, strict=True):
             block.attn.kv_cache = KVCache(k, v)  # a fresh module: keep_rows elsewhere cannot swap our tensors
         self.valid, self.positions, self.input_pos = state.valid, state.positions, state.input_pos
 
     def unbind(self) -> None:
         """Let go of the cache and decode state, bound or own (so that their memory can be freed); the next
         prefill allocates new ones."""
-        for block in self.model.h:
+        for block in self._blocks:
             block.attn.kv_cache = None
         self.valid = self.positions = self.input_pos = None
 
     def new_slot_caches(self, slots: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Zeroed per-block (k, v) [slots, H, length, Dh] for :meth:`slot_forward`; the caller owns them."""
+        """Zeroed per-block (k, v) [slots, Hkv, length, Dh] for :meth:`slot_forward`; the caller owns them."""
         return self.model.new_caches(slots, length)
 
     @torch.inference_mode()
@@ -130,7 +142,7 @@ class GPT2Runner:
         ----------
         tokens, positions : Tensor [B, T] int64
             Every position < length.
-        caches : per block (k, v) Tensors [N, H, S, Dh], from :meth:`new_slot_caches`
+        caches : per block (k, v) Tensors [N, Hkv, S, Dh], from :meth:`new_slot_caches`
         rows : slice of B cache rows (attention reads views), or LongTensor [B] (it gathers)
         length : int, the slots [0, length) attention reads (length <= S)
         slots : Tensor [B, T] int64, optional
@@ -153,6 +165,30 @@ class GPT2Runner:
         T = input_ids.shape[1]
         positions = torch.arange(T, device=self.device).expand_as(input_ids)
         return self.model(input_ids, positions, hidden_layer=self.hidden_layer, tail=last)
+
+
+class GPT2Runner(LeanRunner):
+    """Drives :class:`GPT2` with its static cache."""
+
+    def __init__(self, model: GPT2):
+        super().__init__(model, model.h, model.wte.weight)
+        c = model.config
+        self.vocab_size, self.max_context, self.hidden_size, self.num_layers = (
+            c.vocab_size, c.n_positions, c.n_embd, c.n_layer,
+        )
+        self.kv_heads, self.head_dim = c.n_head, c.n_embd // c.n_head
+
+
+class LlamaRunner(LeanRunner):
+    """Drives :class:`Llama` (Llama, Qwen2, Mistral) with its static cache."""
+
+    def __init__(self, model: Llama):
+        super().__init__(model, model.layers, model.embed_tokens.weight)
+        c = model.config
+        self.vocab_size, self.max_context, self.hidden_size, self.num_layers = (
+            c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,
+        )
+        self.kv_heads, self.head_dim = c.num_key_value_heads, c.head_dim
 
 
 class HFRunner:
@@ -262,15 +298,27 @@ def _check_transformers_weights(name_or_path: str | os.PathLike, config: dict) -
 
 def load_causal_lm(
     name_or_path: str | os.PathLike, device: torch.device, dtype: torch.dtype, lean: bool = True
-) -> GPT2Runner | HFRunner:
-    """A runner for a causal LM checkpoint: our GPT-2 where possible, else transformers.
+) -> LeanRunner | HFRunner:
+    """A runner for a causal LM checkpoint: our GPT-2 or Llama where possible, else transformers.
 
-    With ``lean=False`` every architecture, GPT-2 included, runs in transformers.
+    A Llama, Qwen2 or Mistral config that :class:`Llama` does not compute (a sliding window
+    shorter than the context, experts, another rope type...) runs in transformers after one
+    log line naming the reason. With ``lean=False`` every architecture runs in transformers.
     """
     config = checkpoint.load_config(name_or_path)
     checkpoint.weight_files(name_or_path)  # fail early, and clearly, when the weights are missing
-    if lean and config.get("model_type") == "gpt2":
+    model_type = config.get("model_type")
+    if lean and model_type == "gpt2":
         return GPT2Runner(GPT2.from_pretrained(name_or_path, device=device, dtype=dtype))
+    if lean and model_type in llama.MODEL_TYPES:
+        try:
+            reason = llama.unsupported(llama.with_defaults(config))
+        except ValueError as err:
+            raise ValueError(f"{os.fspath(name_or_path)}: {err}") from err
+        if reason is None:
+            return LlamaRunner(Llama.from_pretrained(name_or_path, device=device, dtype=dtype))
+        logger.warning("memdec_fast: %s runs in transformers, not memdec_fast's lean %s: %s",
+                       os.fspath(name_or_path), model_type, reason)
     from transformers import AutoModelForCausalLM
 
     checkpoint.check_config_against_weights(name_or_path, config)
@@ -297,12 +345,14 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def as_runner(model: torch.nn.Module | GPT2Runner | HFRunner) -> GPT2Runner | HFRunner:
-    """Wrap a loaded model (our GPT2, or a transformers causal LM) in its runner."""
-    if isinstance(model, (GPT2Runner, HFRunner)):
+def as_runner(model: torch.nn.Module | LeanRunner | HFRunner) -> LeanRunner | HFRunner:
+    """Wrap a loaded model (our GPT2 or Llama, or a transformers causal LM) in its runner."""
+    if isinstance(model, (LeanRunner, HFRunner)):
         return model
     if isinstance(model, GPT2):
         return GPT2Runner(model)
+    if isinstance(model, Llama):
+        return LlamaRunner(model)
     if hasattr(model, "get_output_embeddings") and hasattr(model, "config"):
         return HFRunner(model)
-    raise TypeError(f"expected a memdec_fast GPT2 or a transformers causal LM, got {type(model).__name__}")
+    raise TypeError(f"expected a memdec_fast GPT2 or Llama, or a transformers causal LM, got {type(model).__name__}")

@@ -1,0 +1,198 @@
+"""The lean Llama family (Llama, Qwen2, Mistral) against transformers, in float32, on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PAD_ROWS, save_mlp_memory
+from test_cuda_graph import PROMPTS, shrinking_stop, with_static_step
+
+from memdec_fast import JointGenerator, ops
+from memdec_fast.engine import Engine
+from memdec_fast.models import HFRunner, LlamaRunner, load_causal_lm, runners
+from memdec_fast.models.llama import unsupported
+
+CPU = torch.device("cpu")
+compiled = pytest.mark.skipif(not ops.compiled_available(), reason="needs the compiled extension")
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+
+
+def save_llama(path: Path, tokenizer, seed: int, kind: str, shard: str | None = None, **config) -> Path:
+    """A random LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM saved with save_pretrained, with the
+    tokenizer; weights drawn wide enough to avoid near-ties."""
+    import transformers
+
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    cfg = {"vocab_size": len(tokenizer) + PAD_ROWS, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+           "initializer_range": 0.2, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.eos_token_id}
+    cfg.update(config)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**cfg)).eval()
+    with torch.no_grad():  # RMSNorm weights start at one: move them, or their loading would go untested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lckpts(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("llama")
+    return {
+        # Llama 3 rope scaling, biases everywhere, untied, sharded weights (an index.json)
+        "llama": save_llama(root / "llama", tokenizer, 0, "llama", shard="40KB", rope_scaling=LLAMA3_ROPE,
+                            attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+        # q/k/v biases, tied embeddings, Qwen's rope theta
+        "qwen2": save_llama(root / "qwen2", tokenizer, 1, "qwen2", tie_word_embeddings=True, rope_theta=1e6),
+        # a Memory Decoder of another shape: 3 layers, 6 heads of 8 over 3 KV heads
+        "qwen2_mem": save_llama(root / "qwen2_mem", tokenizer, 2, "qwen2", hidden_size=48, num_attention_heads=6,
+                                num_key_value_heads=3, num_hidden_layers=3, tie_word_embeddings=True),
+        # head_dim given apart from hidden_size (4 x 16 != 32); its window covers the whole context
+        "mistral": save_llama(root / "mistral", tokenizer, 3, "mistral", head_dim=16, sliding_window=64),
+        "mistral_window": save_llama(root / "mistral_window", tokenizer, 4, "mistral", sliding_window=8),
+        "mlp": save_mlp_memory(root / "mlp", len(tokenizer) + PAD_ROWS, seed=5, n_embd=48, input_dim=32,
+                               layer_position=0),
+    }
+
+
+def left_padded(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [tokenizer.encode(p) for p in prompts]
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[False] * (T - len(r)) + [True] * len(r) for r in rows])
+    return ids, mask
+
+
+# -- logits against transformers ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_logits_and_mlp_input_equal_transformers_prefill_and_20_decode_steps(lckpts, tokenizer, kind):
+    lean, hf = (load_causal_lm(lckpts[kind], CPU, torch.float32, lean=flag) for flag in (True, False))
+    assert isinstance(lean, LlamaRunner) and isinstance(hf, HFRunner)
+    lean.hidden_layer = hf.hidden_layer = 0
+    ids, mask = left_padded(tokenizer, PROMPTS)  # three prompts of different lengths: left padding
+    a, b = lean.prefill(ids, mask, ids.shape[1] + 21), hf.prefill(ids, mask, ids.shape[1] + 21)
+    for step in range(21):
+        torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=0, msg=f"{kind} logits, step {step}")
+        torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=0, msg=f"{kind} MLP input, step {step}")
+        if step == 20:
+            break
+        tokens = b[0][:, : len(tokenizer)].argmax(-1)
+        a, b = lean.decode(tokens), hf.decode(tokens)
+    # a window scored without a cache (perplexity), last positions only
+    torch.testing.assert_close(lean.forward(ids[:1, -5:], last=3)[0], hf.forward(ids[:1, -5:], last=3)[0],
+                               atol=1e-4, rtol=0)
+
+
+def test_dropping_rows_keeps_the_other_rows_logits(lckpts, tokenizer):
+    lean, hf = (load_causal_lm(lckpts["qwen2"], CPU, torch.float32, lean=flag) for flag in (True, False))
+    ids, mask = left_padded(tokenizer, PROMPTS)
+    lean.prefill(ids, mask, ids.shape[1] + 4)
+    b = hf.prefill(ids, mask, ids.shape[1] + 4)
+    rows = torch.tensor([0, 2])
+    lean.keep_rows(rows)
+    hf.keep_rows(rows)
+    tokens = b[0][rows].argmax(-1)
+    torch.testing.assert_close(lean.decode(tokens)[0], hf.decode(tokens)[0], atol=1e-4, rtol=0)
+
+
+def test_slot_forward_equals_the_padded_batch(lckpts, tokenizer):
+    """The engine's interface: rows of any lengths in caller-owned caches, each at its own positions."""
+    lean = load_causal_lm(lckpts["llama"], CPU, torch.float32)
+    ids, mask = left_padded(tokenizer, PROMPTS)
+    want = lean.prefill(ids, mask, ids.shape[1])[0]
+    caches = lean.new_slot_caches(4, 32)
+    assert caches[0][0].shape == (4, 2, 32, 8)  # [slots, Hkv, S, Dh]
+    for i, p in enumerate(PROMPTS):
+        row = tokenizer.encode(p)
+        got = lean.slot_forward(torch.tensor([row]), torch.arange(len(row))[None], caches, torch.tensor([i + 1]),
+                                len(row))[0]
+        torch.testing.assert_close(got[0], want[i], atol=1e-4, rtol=0)
+
+
+# -- JointGenerator: lean against the reference path ----------------------------------------------
+
+@pytest.mark.parametrize(("base", "memory"), [("qwen2", "qwen2_mem"), ("llama", "mlp")])
+def test_greedy_joint_generator_equals_the_reference_path(lckpts, base, memory):
+    lean = JointGenerator.from_pretrained(lckpts[base], lckpts[memory], lmbda=0.4, knn_temp=0.8)
+    ref = JointGenerator.from_pretrained(lckpts[base], lckpts[memory], lmbda=0.4, knn_temp=0.8, reference=True)
+    assert isinstance(lean.base, LlamaRunner) and isinstance(ref.base, HFRunner)
+    assert isinstance(lean.memory, LlamaRunner) == (memory == "qwen2_mem")
+    got, want = lean.generate(PROMPTS, max_new_tokens=12), ref.generate(PROMPTS, max_new_tokens=12)
+    assert got.token_ids == want.token_ids
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
+    # perplexity's scoring path
+    ids = torch.tensor([lean.tokenizer.encode(PROMPTS[2])])
+    for x, y in zip(lean.score_logits(ids), ref.score_logits(ids)):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+@compiled
+@pytest.mark.parametrize(("base", "memory"), [("qwen2", "qwen2_mem"), ("llama", "mlp")])
+def test_static_buffer_step_equals_eager(lckpts, base, memory):
+    """The CUDA-graph step (padded rows, pooled [B, Hkv, S, Dh] caches, bucket shrinking) run eagerly on the CPU."""
+    gen = JointGenerator.from_pretrained(lckpts[base], lckpts[memory], lmbda=0.4, knn_temp=0.8, cuda_graphs=False)
+    prompts = PROMPTS + ["héllo", "lazy dog"]  # 5 rows: bucket 8
+    stop = shrinking_stop(gen, prompts, 10)
+    want = gen.generate(prompts, max_new_tokens=10, stop=stop)
+    want_sampled = gen.generate(prompts, max_new_tokens=10, temperature=[0.0, 0.8, 1.2, 0.5, 1.0], seed=11)
+    graphs = with_static_step(gen, replay=False)
+    got = gen.generate(prompts, max_new_tokens=10, stop=stop)
+    assert got.token_ids == want.token_ids and got.finish_reasons == want.finish_reasons
+    assert (8, 64) in graphs.entries
+    got = gen.generate(prompts, max_new_tokens=10, temperature=[0.0, 0.8, 1.2, 0.5, 1.0], seed=11)
+    assert got.token_ids == want_sampled.token_ids
+
+
+def test_engine_serves_a_lean_qwen2_pair(lckpts):
+    gen = JointGenerator.from_pretrained(lckpts["qwen2"], lckpts["qwen2_mem"], lmbda=0.4, cuda_graphs=False)
+    want = [gen.generate(p, max_new_tokens=8).token_ids[0] for p in PROMPTS]
+    with Engine(gen, max_batch=2, prefill_chunk=4) as engine:
+        futures = [engine.submit(p, max_new_tokens=8) for p in PROMPTS]
+        assert [f.result(timeout=60).token_ids for f in futures] == want
+
+
+# -- what the lean runner refuses -----------------------------------------------------------------
+
+def test_a_window_shorter_than_the_context_falls_back_with_one_log_line(lckpts, tokenizer, caplog):
+    with caplog.at_level(logging.INFO, logger=runners.__name__):
+        runner = load_causal_lm(lckpts["mistral_window"], CPU, torch.float32)
+    assert isinstance(runner, HFRunner)
+    records = [r for r in caplog.records if r.name == runners.__name__]
+    assert len(records) == 1 and "sliding_window=8" in records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=runners.__name__):
+        assert isinstance(load_causal_lm(lckpts["mistral"], CPU, torch.float32), LlamaRunner)
+    assert not caplog.records
+
+
+def test_unsupported_options_are_named():
+    base = {"model_type": "qwen2", "num_hidden_layers": 24, "max_position_embeddings": 32768}
+    assert unsupported(base) is None
+    assert unsupported(base | {"use_sliding_window": False, "sliding_window": 4096}) is None  # Qwen2.5's config
+    assert unsupported(base | {"use_sliding_window": True, "sliding_window": 32768}) is None  # never binds
+    assert "sliding_window=4096" in unsupported(base | {"use_sliding_window": True, "sliding_window": 4096,
+                                                        "max_window_layers": 21})
+    assert "sliding_window" in unsupported({"model_type": "mistral", "sliding_window": 4096,
+                                            "max_position_embeddings": 32768})
+    assert unsupported({"model_type": "mistral", "sliding_window": None}) is None
+    assert "mixture of experts (num_experts=60)" in unsupported(base | {"num_experts": 60})
+    assert "num_local_experts" in unsupported({"model_type": "mistral", "num_local_experts": 8})
+    assert "'yarn'" in unsupported(base | {"rope_scaling": {"type": "yarn", "factor": 4.0}})
+    assert "'dynamic'" in unsupported({"model_type": "llama", "rope_parameters": {"rope_type": "dynamic"}})
+    assert unsupported({"model_type": "llama", "rope_scaling": LLAMA3_ROPE}) is None
+    assert "partial_rotary_factor=0.5" in unsupported({"model_type": "llama", "partial_rotary_factor": 0.5})
+    assert "quantization_config" in unsupported(base | {"quantization_config": {"quant_method": "gptq"}})
+    assert "hidden_act 'gelu'" in unsupported(base | {"hidden_act": "gelu"})
+    assert "model_type" in unsupported({"model_type": "gemma"})
