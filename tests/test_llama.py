@@ -158,9 +158,12 @@ def test_static_buffer_step_equals_eager(lckpts, base, memory):
 def test_engine_serves_a_lean_qwen2_pair(lckpts):
     gen = JointGenerator.from_pretrained(lckpts["qwen2"], lckpts["qwen2_mem"], lmbda=0.4, cuda_graphs=False)
     want = [gen.generate(p, max_new_tokens=8).token_ids[0] for p in PROMPTS]
-    with Engine(gen, max_batch=2, prefill_chunk=4) as engine:
+    with Engine(gen, max_batch=2, prefill_chunk=4, max_context=40) as engine:
+        assert engine.max_context == 40 and engine._step.caches[0][0][0].shape == (2, 2, 41, 8)  # [slots, Hkv, S+1, Dh]
         futures = [engine.submit(p, max_new_tokens=8) for p in PROMPTS]
         assert [f.result(timeout=60).token_ids for f in futures] == want
+    with pytest.raises(ValueError, match="max_context"):
+        Engine(gen, max_context=1)
 
 
 # -- what the lean runner refuses -----------------------------------------------------------------

@@ -76,6 +76,9 @@ class Engine:
         delays running streams for new prompts.
     cuda_graphs : bool
         On CUDA, replay each decode step as a CUDA graph, one per (batch, length) bucket.
+    max_context : int, optional
+        Positions per slot, at most the models' context (the default). Llama-family models
+        allow 32k-128k positions; a cap keeps max_batch x max_context caches in memory.
 
     Attributes
     ----------
@@ -92,7 +95,7 @@ class Engine:
     """
 
     def __init__(self, generator: JointGenerator, max_batch: int = 32, max_queue: int = 256,
-                 prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True):
+                 prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True, max_context: int | None = None):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                                  ("prefill_chunk", prefill_chunk, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -100,6 +103,10 @@ class Engine:
         gen = generator
         self.generator, self.tokenizer, self.vocab, self.device = gen, gen.tokenizer, gen.vocab, gen.device
         self.max_context = gen.max_context if gen.is_mlp else min(gen.max_context, gen.memory.max_context)
+        if max_context is not None:
+            if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2:
+                raise ValueError(f"max_context: expected an int >= 2, got {max_context!r}")
+            self.max_context = min(self.max_context, max_context)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self._step = ModelStep(gen.base, gen.memory, gen.vocab, self.max_context, max_batch,
                                reference=gen.reference, cuda_graphs=cuda_graphs)
@@ -129,6 +136,7 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 256,
         prefill_chunk: int = PREFILL_CHUNK,
+        max_context: int | None = None,
     ) -> Engine:
         """Load a base and its memory (see :meth:`JointGenerator.from_pretrained`) and wrap them in an Engine.
 
@@ -139,7 +147,7 @@ class Engine:
         lmbda, knn_temp : float, optional
             Default: the values in the memory's memdec_config.json
             (:func:`memdec_fast.models.checkpoint.read_mixing`).
-        cuda_graphs, max_batch, max_queue, prefill_chunk :
+        cuda_graphs, max_batch, max_queue, prefill_chunk, max_context :
             As in :class:`Engine`.
 
         Example
@@ -154,7 +162,7 @@ class Engine:
                                              device=device, dtype=dtype, tokenizer=tokenizer, base_temp=base_temp,
                                              cuda_graphs=False)
         return cls(gen, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, max_context=max_context)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
