@@ -12,7 +12,8 @@ closed-loop workers: each sends its next request as soon as its previous one end
 tokens/s over the level's wall time (prefill included), time to first token (from the request's send to its
 first token) and time between tokens (each gap between consecutive tokens of a request), p50 and p99.
 Baseline, in the same run: the requests of concurrency 1 sent one at a time through ``JointGenerator.generate``.
-With several --dtype values, all of it runs once per dtype.
+With several --dtype values, all of it runs once per dtype; the top-level "targets" are the first run's.
+--device defaults to cuda when available (benchmarks/gpu_check.sh runs it there), else cpu.
 
 Pair: random gpt2-small-shaped base (12 x 768, 12 heads) and Memory Decoder of the same shape, GPT-2's 50257
 tokens, a 256-position context (the longest request needs 64 + 40), saved with save_pretrained to a temporary
@@ -216,10 +217,10 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_dtype(base: Path, memory: Path, tok, dtype: str, reqs: list[dict], counts: dict[int, int],
+def run_dtype(base: Path, memory: Path, tok, device: str, dtype: str, reqs: list[dict], counts: dict[int, int],
               prefill_chunk: int | None) -> dict:
     """Baseline and every concurrency level, for one dtype."""
-    kw = {"lmbda": LMBDA, "knn_temp": KNN_TEMP, "device": "cpu", "dtype": getattr(torch, dtype), "tokenizer": tok}
+    kw = {"lmbda": LMBDA, "knn_temp": KNN_TEMP, "device": device, "dtype": getattr(torch, dtype), "tokenizer": tok}
     gen = JointGenerator.from_pretrained(base, memory, **kw)
     gen.generate(reqs[0]["prompt"][:8], max_new_tokens=2)  # warm-up
     n_base = counts[min(counts)]
@@ -250,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", type=int, help="length of the request list (the most any level runs)")
     p.add_argument("--min-requests", type=int, help="requests of the smallest levels (and of the baseline)")
     p.add_argument("--concurrency", type=int, nargs="+")
-    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
+    p.add_argument("--dtype", nargs="+", choices=("float32", "float16", "bfloat16"), default=["float32"],
+                   help="one run per dtype; the first one's targets are the headline")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--prefill-chunk", type=int, help="the engine's prefill chunk (default: the engine's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -259,15 +262,17 @@ def main(argv: list[str] | None = None) -> dict:
     low = min(n, args.min_requests or cfg["min_requests"])
     counts = {c: min(n, max(low, 2 * c)) for c in sorted(args.concurrency or cfg["concurrency"])}
     reqs = request_mix(n, args.seed, cfg["prompt_tokens"], cfg["new_tokens"])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         base, memory, tok = build_pair(Path(tmp), cfg["dims"])
-        runs = [run_dtype(base, memory, tok, dt, reqs, counts, args.prefill_chunk) for dt in args.dtype]
+        runs = [run_dtype(base, memory, tok, device, dt, reqs, counts, args.prefill_chunk) for dt in args.dtype]
     result = {
         "benchmark": "bench_serve", "driven": "engine directly (Engine.stream), no HTTP",
         "pair": ("tiny random pair" if args.quick else "gpt2-small-shaped random base + Memory Decoder (12x768 each)")
         + f", vocab {VOCAB}, context {CONTEXT}",
-        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "git_dirty": dirty_files(),
         "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -275,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mix": {"seed": args.seed, "requests": n, "per_concurrency": {str(c): k for c, k in counts.items()},
                 "prompt_tokens": list(cfg["prompt_tokens"]), "new_tokens": list(cfg["new_tokens"]), "greedy": True},
         "runs": runs,
+        "targets": {"dtype": runs[0]["dtype"], **runs[0]["targets"]},  # the headline run's
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ def bench():
 def test_quick_run_reports_every_level_and_the_baseline(bench, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "serve.json"
-    report = bench.main(["--quick", "--out", str(out), "--concurrency", "1", "3"])
+    report = bench.main(["--quick", "--out", str(out), "--concurrency", "1", "3", "--device", "cpu"])
     assert json.loads(out.read_text()) == report
     assert out.with_suffix(".png").stat().st_size > 0
     for key in ("device", "torch", "date", "git_commit", "driven"):
@@ -42,6 +42,7 @@ def test_quick_run_reports_every_level_and_the_baseline(bench, tmp_path):
             assert 0 < lv[key]["p50"] <= lv[key]["p99"]
     assert run["baseline"]["requests"] == 2 and run["baseline"]["output_tokens"] == run["levels"][0]["output_tokens"]
     assert set(run["targets"]) >= {"tokens_per_s_vs_one_at_a_time", "p99_itl_vs_batch1_step"}
+    assert report["targets"] == {"dtype": "float32", **run["targets"]}
 
 
 def test_request_mix_is_fixed_by_its_seed(bench):
