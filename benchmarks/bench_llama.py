@@ -1,0 +1,180 @@
+"""The lean Llama-family runner against the transformers fallback: greedy decode ms/step, batch 1 and 8.
+
+    python benchmarks/bench_llama.py --out benchmarks/results/llama_cpu.json
+    python benchmarks/bench_llama.py --tiny --out /tmp/llama_tiny.json  # tiny models: a smoke run
+
+Pair: a Qwen2-0.5B-shaped base and Memory Decoder (24 x 896, 14 heads / 2 KV heads, intermediate 4864,
+vocab 151936, tied embeddings), random weights built from the config and saved in bfloat16 to a temporary
+directory (no downloads), run in --dtype (float32 by default). A word-level tokenizer of 151665 tokens, Qwen2's
+size, so the padded logit rows are cut as for the real models.
+
+Each variant (lean: LlamaRunner; hf: load_causal_lm(lean=False), transformers) runs one warm-up request, then
+--repeats timed ones, per batch size; each request is timed to its first token and to its end. Decode ms/step =
+(end - first) / (new_tokens - 1), the median over repeats; e2e includes prefill. The tokens of both variants must
+be equal. One variant's models are freed before the next loads, so at most one pair sits in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import memdec_fast  # noqa: F401  (the installed package, with its compiled extension)
+except ImportError:
+    sys.path.insert(0, str(ROOT))
+
+from memdec_fast import JointGenerator
+from memdec_fast.models import load_causal_lm
+
+QWEN2_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+             "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+             "rope_theta": 1000000.0, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
+TINY = QWEN2_05B | {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2}
+TOKENIZER_ROWS = 151665  # Qwen2's tokenizer; the rest of the 151936 rows are padding
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(os.getloadavg())
+
+
+def tokenizer(vocab: int):
+    """A word-level tokenizer of `vocab` tokens and no EOS, so that every row runs to the last token."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)},
+                                                                               unk_token="t0")))
+
+
+def save_qwen2(path: Path, dims: dict, seed: int) -> Path:
+    """A random Qwen2ForCausalLM built from `dims` (transformers' init: N(0, 0.02)), saved in bfloat16."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Qwen2ForCausalLM(Qwen2Config(**dims)).to(torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    gc.collect()
+    return path
+
+
+def time_requests(gen: JointGenerator, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    """Median decode ms/step and e2e ms of `repeats` greedy requests after one warm-up; and their tokens.
+
+    The first token costs a prefill: a request of one new token is timed beside each whole one, and the
+    difference over new_tokens - 1 is a decode step.
+    """
+    gen.generate(prompts, max_new_tokens=new_tokens)  # warm-up
+    steps, e2e, firsts, tokens = [], [], [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        gen.generate(prompts, max_new_tokens=1)
+        t1 = time.perf_counter()
+        tokens = gen.generate(prompts, max_new_tokens=new_tokens).token_ids
+        t2 = time.perf_counter()
+        steps.append((t2 - t1 - (t1 - t0)) / (new_tokens - 1) * 1e3)
+        e2e.append((t2 - t1) * 1e3)
+        firsts.append((t1 - t0) * 1e3)
+    step = statistics.median(steps)
+    return {"decode_ms_per_step": step, "decode_ms_per_token": step / len(prompts), "e2e_ms": statistics.median(e2e),
+            "first_token_ms": statistics.median(firsts), "steps_ms": steps, "tokens": tokens}
+
+
+def run_variant(name: str, base: Path, memory: Path, tok, dtype: torch.dtype, batches: list[int],
+                prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    lean = name == "lean"
+    t = time.perf_counter()
+    runners = [load_causal_lm(p, torch.device("cpu"), dtype, lean=lean) for p in (base, memory)]
+    load_s = time.perf_counter() - t
+    gen = JointGenerator(*runners, tok, lmbda=0.55, cuda_graphs=False)
+    g = torch.Generator().manual_seed(0)
+    out = {"runner": type(runners[0]).__name__, "load_s": load_s}
+    for b in batches:
+        prompts = torch.randint(0, len(tok), (b, prompt_len), generator=g).tolist()
+        out[f"batch_{b}"] = time_requests(gen, prompts, new_tokens, repeats)
+        r = out[f"batch_{b}"]
+        print(f"{name:5s} batch {b}: decode {r['decode_ms_per_step']:.0f} ms/step "
+              f"({r['decode_ms_per_token']:.0f} ms/token), e2e {r['e2e_ms']:.0f} ms", flush=True)
+    del gen, runners
+    gc.collect()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--tiny", action="store_true", help="tiny models: a smoke run")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dims, vocab = (TINY, 990) if args.tiny else (QWEN2_05B, TOKENIZER_ROWS)
+    dtype = getattr(torch, args.dtype)
+    tok = tokenizer(vocab)
+    load_before = uptime()
+    with tempfile.TemporaryDirectory() as tmp:
+        base, memory = save_qwen2(Path(tmp, "base"), dims, 0), save_qwen2(Path(tmp, "memory"), dims, 1)
+        results = {v: run_variant(v, base, memory, tok, dtype, args.batches, args.prompt_len, args.new_tokens,
+                                  args.repeats) for v in ("lean", "hf")}
+    same = {f"batch_{b}": results["lean"][f"batch_{b}"]["tokens"] == results["hf"][f"batch_{b}"]["tokens"]
+            for b in args.batches}
+    speedup = {f"batch_{b}": {k: results["hf"][f"batch_{b}"][k] / results["lean"][f"batch_{b}"][k]
+                              for k in ("decode_ms_per_step", "e2e_ms")} for b in args.batches}
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
+        "uptime_before": load_before,
+        "uptime_after": uptime(),
+        "setup": {"model": "random Qwen2-0.5B-shaped base and Memory Decoder" if not args.tiny else "tiny Qwen2",
+                  "config": dims, "tokenizer_tokens": vocab, "dtype": args.dtype, "prompt_len": args.prompt_len,
+                  "new_tokens": args.new_tokens, "repeats": args.repeats, "greedy": True, "lmbda": 0.55},
+        "lean": results["lean"], "hf": results["hf"], "same_tokens": same, "hf_over_lean": speedup,
+    }
+    for r in (report["lean"], report["hf"]):
+        for b in args.batches:
+            r[f"batch_{b}"].pop("tokens")
+    print(json.dumps({"same_tokens": same, "hf_over_lean": speedup}, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if not all(same.values()):
+        raise SystemExit("the lean runner's tokens differ from transformers'")
+    return report
+
+
+if __name__ == "__main__":
+    main()
