@@ -8,10 +8,11 @@ vocab 151936, tied embeddings), random weights built from the config and saved i
 directory (no downloads), run in --dtype (float32 by default). A word-level tokenizer of 151665 tokens, Qwen2's
 size, so the padded logit rows are cut as for the real models.
 
-Each variant (lean: LlamaRunner; hf: load_causal_lm(lean=False), transformers) runs one warm-up request, then
---repeats timed ones, per batch size; each request is timed to its first token and to its end. Decode ms/step =
-(end - first) / (new_tokens - 1), the median over repeats; e2e includes prefill. The tokens of both variants must
-be equal. One variant's models are freed before the next loads, so at most one pair sits in memory.
+Both variants (lean: LlamaRunner; hf: load_causal_lm(lean=False), transformers) are loaded at once (two pairs:
+8 GB in float32). Per batch size each runs one warm-up request, then --repeats rounds in which the variants
+alternate, so that the load of a shared machine hits both alike; each request is timed to its first token and to
+its end. Decode ms/step = (end - first) / (new_tokens - 1), the median over rounds; e2e includes prefill. The
+tokens of both variants must be equal.
 """
 
 from __future__ import annotations
@@ -85,45 +86,47 @@ def save_qwen2(path: Path, dims: dict, seed: int) -> Path:
     return path
 
 
-def time_requests(gen: JointGenerator, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
-    """Median decode ms/step and e2e ms of `repeats` greedy requests after one warm-up; and their tokens.
-
-    The first token costs a prefill: a request of one new token is timed beside each whole one, and the
-    difference over new_tokens - 1 is a decode step.
-    """
-    gen.generate(prompts, max_new_tokens=new_tokens)  # warm-up
-    steps, e2e, firsts, tokens = [], [], [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        gen.generate(prompts, max_new_tokens=1)
-        t1 = time.perf_counter()
-        tokens = gen.generate(prompts, max_new_tokens=new_tokens).token_ids
-        t2 = time.perf_counter()
-        steps.append((t2 - t1 - (t1 - t0)) / (new_tokens - 1) * 1e3)
-        e2e.append((t2 - t1) * 1e3)
-        firsts.append((t1 - t0) * 1e3)
-    step = statistics.median(steps)
-    return {"decode_ms_per_step": step, "decode_ms_per_token": step / len(prompts), "e2e_ms": statistics.median(e2e),
-            "first_token_ms": statistics.median(firsts), "steps_ms": steps, "tokens": tokens}
+def time_request(gen: JointGenerator, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list]:
+    """(first-token ms, e2e ms, tokens) of one greedy request. The first token costs a prefill: a request of
+    one new token is timed beside the whole one, and (e2e - first) / (new_tokens - 1) is a decode step."""
+    t0 = time.perf_counter()
+    gen.generate(prompts, max_new_tokens=1)
+    t1 = time.perf_counter()
+    tokens = gen.generate(prompts, max_new_tokens=new_tokens).token_ids
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3, tokens
 
 
-def run_variant(name: str, base: Path, memory: Path, tok, dtype: torch.dtype, batches: list[int],
-                prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    lean = name == "lean"
+def load_pair(lean: bool, base: Path, memory: Path, tok, dtype: torch.dtype) -> tuple[JointGenerator, float]:
     t = time.perf_counter()
     runners = [load_causal_lm(p, torch.device("cpu"), dtype, lean=lean) for p in (base, memory)]
-    load_s = time.perf_counter() - t
-    gen = JointGenerator(*runners, tok, lmbda=0.55, cuda_graphs=False)
+    return JointGenerator(*runners, tok, lmbda=0.55, cuda_graphs=False), time.perf_counter() - t
+
+
+def run(gens: dict[str, JointGenerator], vocab: int, batches: list[int], prompt_len: int, new_tokens: int,
+        repeats: int) -> dict:
+    """Per batch: one warm-up request per variant, then `repeats` rounds, the variants alternating within each
+    round so that a change in the machine's load hits both alike."""
     g = torch.Generator().manual_seed(0)
-    out = {"runner": type(runners[0]).__name__, "load_s": load_s}
+    out: dict = {name: {} for name in gens}
     for b in batches:
-        prompts = torch.randint(0, len(tok), (b, prompt_len), generator=g).tolist()
-        out[f"batch_{b}"] = time_requests(gen, prompts, new_tokens, repeats)
-        r = out[f"batch_{b}"]
-        print(f"{name:5s} batch {b}: decode {r['decode_ms_per_step']:.0f} ms/step "
-              f"({r['decode_ms_per_token']:.0f} ms/token), e2e {r['e2e_ms']:.0f} ms", flush=True)
-    del gen, runners
-    gc.collect()
+        prompts = torch.randint(0, vocab, (b, prompt_len), generator=g).tolist()
+        for gen in gens.values():
+            gen.generate(prompts, max_new_tokens=new_tokens)  # warm-up
+        raw: dict = {name: {"first": [], "e2e": [], "tokens": None} for name in gens}
+        for _ in range(repeats):
+            for name, gen in gens.items():
+                first, e2e, raw[name]["tokens"] = time_request(gen, prompts, new_tokens)
+                raw[name]["first"].append(first)
+                raw[name]["e2e"].append(e2e)
+        for name, r in raw.items():
+            steps = [(e - f) / (new_tokens - 1) for f, e in zip(r["first"], r["e2e"])]
+            step = statistics.median(steps)
+            out[name][f"batch_{b}"] = {
+                "decode_ms_per_step": step, "decode_ms_per_token": step / b, "e2e_ms": statistics.median(r["e2e"]),
+                "first_token_ms": statistics.median(r["first"]), "steps_ms": steps, "tokens": r["tokens"]}
+            print(f"{name:5s} batch {b}: decode {step:.0f} ms/step ({step / b:.0f} ms/token), "
+                  f"e2e {statistics.median(r['e2e']):.0f} ms, steps {[round(s) for s in steps]}", flush=True)
     return out
 
 
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -146,8 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = uptime()
     with tempfile.TemporaryDirectory() as tmp:
         base, memory = save_qwen2(Path(tmp, "base"), dims, 0), save_qwen2(Path(tmp, "memory"), dims, 1)
-        results = {v: run_variant(v, base, memory, tok, dtype, args.batches, args.prompt_len, args.new_tokens,
-                                  args.repeats) for v in ("lean", "hf")}
+        loaded = {"lean": load_pair(True, base, memory, tok, dtype), "hf": load_pair(False, base, memory, tok, dtype)}
+        gens = {name: gen for name, (gen, _) in loaded.items()}
+        results = run(gens, vocab, args.batches, args.prompt_len, args.new_tokens, args.repeats)
+        for name, (gen, load_s) in loaded.items():
+            results[name] |= {"runner": type(gen.base).__name__, "load_s": load_s}
+        del loaded, gens
+        gc.collect()
     same = {f"batch_{b}": results["lean"][f"batch_{b}"]["tokens"] == results["hf"][f"batch_{b}"]["tokens"]
             for b in args.batches}
     speedup = {f"batch_{b}": {k: results["hf"][f"batch_{b}"][k] / results["lean"][f"batch_{b}"][k]
