@@ -1,6 +1,8 @@
-// CPU kernels of joint_logprobs and target_logprobs, parallel over rows.
+// CPU kernels of joint_logprobs and target_logprobs: vectorised row passes,
+// parallel over rows, or over chunks of a row when there are fewer rows than threads.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+
+#include <algorithm>
 
 #include "cpu_row.h"
 #include "op_args.h"
@@ -14,16 +16,19 @@ void JointLogprobsCpu(const OpArgs& a, at::Tensor& out) {
   const TB* b0 = a.base.data_ptr<TB>();
   const TM* m0 = a.mem.data_ptr<TM>();
   float* o0 = out.data_ptr<float>();
-  at::parallel_for(0, a.rows(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const TB* b = b0 + row * sb;
-      const TM* m = m0 + row * sm;
-      float* o = o0 + row * vocab;
-      const Mixture mix = RowMixture(b, m, vocab, LoadRowParams(a.table, row, a.scalars));
-      for (int64_t i = 0; i < vocab; ++i) {
-        o[i] = mix.valid ? mix.LogProb(static_cast<float>(b[i]), static_cast<float>(m[i])) : QuietNaN();
-      }
+  ForRows(a.rows(), vocab, [&](int64_t row, bool split) {
+    const TB* b = b0 + row * sb;
+    const TM* m = m0 + row * sm;
+    float* o = o0 + row * vocab;
+    const Mixture mix = RowMixture(b, m, vocab, LoadRowParams(a.table, row, a.scalars), split);
+    if (!mix.valid) {
+      std::fill(o, o + vocab, QuietNaN());
+      return;
     }
+    ForChunks(vocab, split, [&](int64_t c) {
+      const int64_t lo = c * kChunk, hi = lo + kChunk < vocab ? lo + kChunk : vocab;
+      LogProbs(mix, b, m, lo, hi, o);
+    });
   });
 }
 
@@ -32,21 +37,19 @@ void TargetLogprobsCpu(const OpArgs& a, const int64_t* targets, float* joint, fl
   const int64_t vocab = a.vocab(), sb = a.base.stride(0), sm = a.mem.stride(0);
   const TB* b0 = a.base.data_ptr<TB>();
   const TM* m0 = a.mem.data_ptr<TM>();
-  at::parallel_for(0, a.rows(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const TB* b = b0 + row * sb;
-      const TM* m = m0 + row * sm;
-      const Mixture mix = RowMixture(b, m, vocab, LoadRowParams(a.table, row, a.scalars));
-      const int64_t t = targets[row];
-      if (t < 0 || t >= vocab) {
-        joint[row] = lp_base[row] = lp_mem[row] = QuietNaN();
-        continue;
-      }
-      const float bt = static_cast<float>(b[t]), mt = static_cast<float>(m[t]);
-      joint[row] = mix.valid ? mix.LogProb(bt, mt) : QuietNaN();
-      lp_base[row] = mix.BaseLogProb(bt);
-      lp_mem[row] = mix.MemLogProb(mt);
+  ForRows(a.rows(), vocab, [&](int64_t row, bool split) {
+    const int64_t t = targets[row];
+    if (t < 0 || t >= vocab) {
+      joint[row] = lp_base[row] = lp_mem[row] = QuietNaN();
+      return;
     }
+    const TB* b = b0 + row * sb;
+    const TM* m = m0 + row * sm;
+    const Mixture mix = RowMixture(b, m, vocab, LoadRowParams(a.table, row, a.scalars), split);
+    const float bt = static_cast<float>(b[t]), mt = static_cast<float>(m[t]);
+    joint[row] = mix.valid ? mix.LogProb(bt, mt) : QuietNaN();
+    lp_base[row] = mix.BaseLogProb(bt);
+    lp_mem[row] = mix.MemLogProb(mt);
   });
 }
 

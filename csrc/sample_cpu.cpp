@@ -1,11 +1,13 @@
-// CPU kernel of sample: one pass builds log p, then value thresholds implement
-// top-k / top-p / min-p, and one uniform draw per row picks by inverse CDF.
+// CPU kernel of sample: one vectorised pass builds log p into a buffer, value
+// thresholds on it implement top-k / top-p / min-p, and one uniform draw per row
+// picks by inverse CDF in two levels (block, then token). Rows split across
+// threads by chunks when there are fewer rows than threads (cpu_row.h).
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <functional>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "common/philox.h"
@@ -14,6 +16,10 @@
 
 namespace memdec_fast {
 namespace {
+
+// Sampling weight exp((log p - max log p) / temperature) of 8 tokens, and of one.
+MDF_VI vec::F8 Weight8(vec::F8 lp, float max_logp, float inv_t) { return vec::Exp((lp - max_logp) * inv_t); }
+MDF_VI float Weight1(float lp, float max_logp, float inv_t) { return Weight8(vec::Splat(lp), max_logp, inv_t)[0]; }
 
 // The k-th largest of values[0, n) (1-based k <= n); reorders values.
 float KthLargest(float* values, int64_t n, int64_t k) {
@@ -34,7 +40,7 @@ float TopPThreshold(float* values, int64_t n, double target, float max_logp, flo
     while (i < m) {
       int64_t j = i;  // [i, j) is a run of equal values
       double run = 0.0;
-      while (j < m && values[j] == values[i]) run += TokenWeight(values[j++], max_logp, inv_temperature);
+      while (j < m && values[j] == values[i]) run += Weight1(values[j++], max_logp, inv_temperature);
       if (j == m && m < n) break;  // the run may continue past the sorted prefix
       if (i > 0 && above >= target) return values[i - 1];
       above += run;
@@ -44,66 +50,186 @@ float TopPThreshold(float* values, int64_t n, double target, float max_logp, flo
   }
 }
 
+// The first index of the largest of x[lo, hi), and its value.
+MDF_VI std::pair<float, int64_t> ArgMax(const float* x, int64_t lo, int64_t hi) {
+  vec::F8 best = vec::Splat(NegInf());
+  vec::I8 idx{}, lane;
+  for (int l = 0; l < vec::kLanes; ++l) lane[l] = l;
+  int64_t i = lo;
+  for (; i + vec::kLanes <= hi; i += vec::kLanes) {
+    const vec::F8 v = vec::Load(x + i);
+    const vec::I8 gt = v > best;
+    best = vec::Select(gt, v, best);
+    idx = gt ? lane + static_cast<int32_t>(i) : idx;
+  }
+  std::pair<float, int64_t> r{NegInf(), lo};
+  for (int l = 0; l < vec::kLanes; ++l) {
+    if (best[l] > r.first || (best[l] == r.first && best[l] != NegInf() && idx[l] < r.second)) r = {best[l], idx[l]};
+  }
+  for (; i < hi; ++i) {
+    if (x[i] > r.first) r = {x[i], i};
+  }
+  return r;
+}
+
+// The k largest values of x[lo, hi) (fewer if the chunk is shorter), appended to
+// `out` in heap order: a min-heap that most vectors skip with one comparison.
+MDF_VI void TopKOfChunk(const float* x, int64_t lo, int64_t hi, size_t k, std::vector<float>& out) {
+  out.clear();
+  const auto push = [&](float v) {
+    if (out.size() < k) {
+      out.push_back(v);
+      std::push_heap(out.begin(), out.end(), std::greater<float>());
+    } else if (v > out.front()) {
+      std::pop_heap(out.begin(), out.end(), std::greater<float>());
+      out.back() = v;
+      std::push_heap(out.begin(), out.end(), std::greater<float>());
+    }
+  };
+  int64_t i = lo;
+  for (; i + vec::kLanes <= hi; i += vec::kLanes) {
+    const vec::F8 v = vec::Load(x + i);
+    if (out.size() == k && !vec::Any(v > out.front())) continue;
+    for (int l = 0; l < vec::kLanes; ++l) push(v[l]);
+  }
+  for (; i < hi; ++i) push(x[i]);
+}
+
+// Sum of the weights of the tokens of x[lo, hi) at or above `threshold`.
+MDF_VI double KeptWeight(const float* x, int64_t lo, int64_t hi, float threshold, float max_logp, float inv_t) {
+  vec::F8 acc{};
+  int64_t i = lo;
+  for (; i + vec::kLanes <= hi; i += vec::kLanes) {
+    const vec::F8 v = vec::Load(x + i);
+    const vec::I8 kept = v >= threshold;
+    if (vec::Any(kept)) acc += vec::Select(kept, Weight8(v, max_logp, inv_t), vec::F8{});
+  }
+  double sum = vec::HSum(acc);
+  for (; i < hi; ++i) {
+    if (x[i] >= threshold) sum += Weight1(x[i], max_logp, inv_t);
+  }
+  return sum;
+}
+
 struct RowScratch {
   std::vector<float> logp, kept;
+  std::vector<std::vector<float>> chunk_values;  // per chunk
+  std::vector<std::pair<float, int64_t>> chunk_best;
+  std::vector<double> weights;  // per chunk, or per block
 };
 
+// One row: log p into a buffer (one pass), the filters as one threshold on it,
+// then an inverse-CDF pick in two levels: the block of kBlock tokens from the
+// blocks' kept weights, then the token inside that block. One uniform per row.
 template <typename TB, typename TM>
 void SampleRow(const TB* b, const TM* m, int64_t vocab, const RowParams& p, uint64_t seed, uint64_t offset,
-               int64_t row, RowScratch& s, int64_t* token, float* logprob) {
-  const Mixture mix = RowMixture(b, m, vocab, p);
+               int64_t row, bool split, RowScratch& s, int64_t* token, float* logprob) {
+  const Mixture mix = RowMixture(b, m, vocab, p, split);
   if (!mix.valid) {
     *token = -1;
     *logprob = QuietNaN();
     return;
   }
+  const int64_t chunks = NumChunks(vocab);
+  const auto chunk_end = [&](int64_t c) { return c * kChunk + kChunk < vocab ? c * kChunk + kChunk : vocab; };
   s.logp.resize(vocab);
+  s.chunk_best.resize(chunks);
+  s.chunk_values.resize(chunks);
   float* lp = s.logp.data();
-  int64_t best = 0;
-  for (int64_t i = 0; i < vocab; ++i) {
-    lp[i] = mix.LogProb(static_cast<float>(b[i]), static_cast<float>(m[i]));
-    if (lp[i] > lp[best]) best = i;
+  ForChunks(vocab, split, [&](int64_t c) {
+    LogProbs(mix, b, m, c * kChunk, chunk_end(c), lp);
+    s.chunk_best[c] = ArgMax(lp, c * kChunk, chunk_end(c));
+  });
+  int64_t best = s.chunk_best[0].second;
+  for (int64_t c = 1; c < chunks; ++c) {
+    if (s.chunk_best[c].first > lp[best]) best = s.chunk_best[c].second;
   }
   const float max_logp = lp[best];
   if (IsGreedy(p)) {
     *token = best;
-    *logprob = max_logp;
+    *logprob = mix.LogProb(static_cast<float>(b[best]), static_cast<float>(m[best]));
     return;
   }
   const float inv_t = 1.0f / p.temperature;
+  const auto gather = [&] {  // the chunks' values, in chunk order
+    s.kept.clear();
+    for (int64_t c = 0; c < chunks; ++c) s.kept.insert(s.kept.end(), s.chunk_values[c].begin(), s.chunk_values[c].end());
+  };
   float threshold = NegInf();
   if (p.top_k > 0 && p.top_k < vocab) {
-    s.kept.assign(lp, lp + vocab);
-    threshold = KthLargest(s.kept.data(), vocab, p.top_k);
+    ForChunks(vocab, split, [&](int64_t c) { TopKOfChunk(lp, c * kChunk, chunk_end(c), p.top_k, s.chunk_values[c]); });
+    gather();
+    threshold = KthLargest(s.kept.data(), s.kept.size(), p.top_k);
   }
   if (p.top_p < 1.0f) {
-    s.kept.clear();
+    s.weights.resize(chunks);
+    ForChunks(vocab, split, [&](int64_t c) {
+      s.weights[c] = KeptWeight(lp, c * kChunk, chunk_end(c), threshold, max_logp, inv_t);
+    });
     double total = 0.0;
-    for (int64_t i = 0; i < vocab; ++i) {
-      if (lp[i] >= threshold) {
-        s.kept.push_back(lp[i]);
-        total += TokenWeight(lp[i], max_logp, inv_t);
+    for (int64_t c = 0; c < chunks; ++c) total += s.weights[c];
+    // Tokens lighter than `floor` hold at most half of the 1 - top_p tail together,
+    // so the nucleus lies among the heavier ones: only those are sorted.
+    const float floor = static_cast<float>(0.5 * (1.0 - p.top_p) * total / static_cast<double>(vocab));
+    ForChunks(vocab, split, [&](int64_t c) {
+      auto& out = s.chunk_values[c];
+      out.clear();
+      int64_t i = c * kChunk;
+      for (; i + vec::kLanes <= chunk_end(c); i += vec::kLanes) {
+        const vec::F8 v = vec::Load(lp + i);
+        if (!vec::Any(v >= threshold)) continue;
+        const vec::I8 heavy = (v >= threshold) & (Weight8(v, max_logp, inv_t) >= floor);
+        for (int l = 0; l < vec::kLanes; ++l) {
+          if (heavy[l]) out.push_back(v[l]);
+        }
       }
-    }
+      for (; i < chunk_end(c); ++i) {
+        if (lp[i] >= threshold && Weight1(lp[i], max_logp, inv_t) >= floor) out.push_back(lp[i]);
+      }
+    });
+    gather();
     threshold = TopPThreshold(s.kept.data(), s.kept.size(), p.top_p * total, max_logp, inv_t);
   }
   if (p.min_p > 0.0f) threshold = std::max(threshold, max_logp + p.temperature * logf(p.min_p));
 
-  double total = 0.0;
-  for (int64_t i = 0; i < vocab; ++i) {
-    if (lp[i] >= threshold) total += TokenWeight(lp[i], max_logp, inv_t);
-  }
-  const double target = RowUniform(seed, offset, row) * total;
-  double cum = 0.0;
-  int64_t pick = best;
-  for (int64_t i = 0; i < vocab; ++i) {
-    if (lp[i] < threshold) continue;
-    pick = i;  // the last kept token, should rounding leave cum <= target
-    cum += TokenWeight(lp[i], max_logp, inv_t);
-    if (cum > target) break;
-  }
-  *token = pick;
-  *logprob = lp[pick];
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  s.weights.resize(blocks);
+  ForChunks(vocab, split, [&](int64_t c) {
+    for (int64_t lo = c * kChunk; lo < chunk_end(c); lo += kBlock) {
+      const int64_t hi = lo + kBlock < vocab ? lo + kBlock : vocab;
+      s.weights[lo / kBlock] = KeptWeight(lp, lo, hi, threshold, max_logp, inv_t);
+    }
+  });
+  vec::Run([&] {
+    double total = 0.0;
+    for (int64_t j = 0; j < blocks; ++j) total += s.weights[j];
+    const double target = RowUniform(seed, offset, row) * total;
+    // the block where the running sum passes target; the last non-empty one should rounding leave it short
+    double cum = 0.0, cum_last = 0.0;
+    int64_t block = -1, last = 0;
+    for (int64_t j = 0; j < blocks && block < 0; ++j) {
+      if (s.weights[j] > 0.0) {
+        last = j;
+        cum_last = cum;
+      }
+      if (cum + s.weights[j] > target) block = j;
+      else cum += s.weights[j];
+    }
+    if (block < 0) {
+      block = last;
+      cum = cum_last;
+    }
+    int64_t pick = best;
+    const int64_t hi = block * kBlock + kBlock < vocab ? block * kBlock + kBlock : vocab;
+    for (int64_t i = block * kBlock; i < hi; ++i) {
+      if (lp[i] < threshold) continue;
+      pick = i;  // the block's last kept token, should rounding leave cum <= target
+      cum += Weight1(lp[i], max_logp, inv_t);
+      if (cum > target) break;
+    }
+    *token = pick;
+  });
+  *logprob = mix.LogProb(static_cast<float>(b[*token]), static_cast<float>(m[*token]));
 }
 
 // Draws this call's Philox seed from a CPU torch.Generator (mt19937).
@@ -133,12 +259,10 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& base_logits, con
     const TM* m0 = a.mem.data_ptr<TM>();
     int64_t* tok = tokens.data_ptr<int64_t>();
     float* lps = logprobs.data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      RowScratch scratch;
-      for (int64_t row = begin; row < end; ++row) {
-        SampleRow(b0 + row * a.base.stride(0), m0 + row * a.mem.stride(0), vocab, LoadRowParams(a.table, row, a.scalars),
-                  seed, 0, row, scratch, tok + row, lps + row);
-      }
+    ForRows(rows, vocab, [&](int64_t row, bool split) {
+      thread_local RowScratch scratch;  // kept between calls: no allocation per token
+      SampleRow(b0 + row * a.base.stride(0), m0 + row * a.mem.stride(0), vocab, LoadRowParams(a.table, row, a.scalars),
+                seed, 0, row, split, scratch, tok + row, lps + row);
     });
   });
   return {tokens, logprobs};

@@ -306,6 +306,61 @@ def test_generator_advances_between_calls(device):
     assert not torch.equal(first, second)
 
 
+# ---------------------------------------------------------------- rows split across threads (CPU)
+
+
+def with_threads(n: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab", [(1, 50257), (1, 37), (3, 50257)])
+def test_row_split_across_threads_matches_one_thread(dtype, rows, vocab):
+    # a row is cut into fixed chunks whatever the thread count, so the results are bit-identical
+    base, mem = sample_inputs(rows, vocab, "cpu", dtype, dtype, strided=True)
+    targets = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        out = [ops.joint_logprobs(base, mem, 0.3), *ops.target_logprobs(base, mem, targets, 0.3)]
+        for filters in ({"temperature": 0.0}, {"temperature": 0.8, "top_k": 50, "top_p": 0.9},
+                        {"temperature": 1.0, "top_p": 0.5}, {"temperature": 1.2, "min_p": 0.01}, {}):
+            for seed in range(3):
+                out += ops.sample(base, mem, 0.3, generator=torch.Generator().manual_seed(seed), **filters)
+        return out
+
+    one, two = with_threads(1, run), with_threads(2, run)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_rows_longer_than_64_chunks():
+    # rows of more than 64 x 4096 tokens merge their statistics in several rounds
+    base, mem = sample_inputs(2, 300_001, "cpu")
+    joint = reference.component_logprobs(base, mem, 0.4)[0]
+    for got in (ops.joint_logprobs(base, mem, 0.4), ops.joint_logprobs(base[:1], mem[:1], 0.4)):
+        assert_close_to_reference(got, joint[: got.shape[0]], torch_float32_joint(base, mem, 0.4)[: got.shape[0]])
+    tokens, _ = ops.sample(base, mem, 0.4, temperature=0.0)
+    assert torch.equal(tokens, joint.argmax(-1))
+
+
+@pytest.mark.parametrize("filters", [{"top_p": 0.3}, {"top_p": 0.9, "temperature": 0.7}, {"top_k": 20, "top_p": 0.8}])
+def test_top_p_on_a_large_vocabulary_keeps_the_nucleus(filters):
+    # top-p sorts only the tokens heavy enough to matter; the nucleus must be the same as the reference's
+    rows, vocab = 400, 50257
+    base, mem = sample_inputs(1, vocab, "cpu", seed=3)
+    base, mem = (base * 2).expand(rows, vocab), mem.expand(rows, vocab)
+    tokens, _ = ops.sample(base, mem, 0.3, generator=torch.Generator().manual_seed(0), **filters)
+    logp = reference.component_logprobs(base[:1], mem[:1], 0.3)[0]
+    kept = torch.isfinite(reference.filtered_logits(logp, **filters))[0]
+    assert kept[tokens].all()
+    assert len(set(tokens.tolist())) > 1
+
+
 # ---------------------------------------------------------------- gradients
 
 
