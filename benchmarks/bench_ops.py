@@ -100,7 +100,7 @@ _USER_COMPILED = {}
 
 def user_fn(op: str, impl: str):
     ours, baselines = USER_OPS[op]
-    if impl == "ours":
+    if impl in ("ours", "ours_1thread"):
         return lambda b, m, t: ours(ops, b, m, t)
     if baselines[impl] != "compile":
         return baselines[impl]
@@ -109,7 +109,7 @@ def user_fn(op: str, impl: str):
     return _USER_COMPILED[op]
 
 
-USER_CASES = [(op, impl) for op, (_, baselines) in USER_OPS.items() for impl in ("ours", *baselines)]
+USER_CASES = [(op, impl) for op, (_, baselines) in USER_OPS.items() for impl in ("ours", "ours_1thread", *baselines)]
 
 
 @pytest.mark.parametrize("op,impl", USER_CASES, ids=[f"{op}-{impl}" for op, impl in USER_CASES])
@@ -123,4 +123,10 @@ def test_user_baseline(timed, benchmark, op, impl):
     benchmark.group = f"user_baseline {op} cpu B={rows} V={vocab} float32"
     benchmark.extra_info.update(op=op, impl=impl, rows=rows, vocab=vocab, device="cpu", dtype="float32",
                                 bytes_read=rows * vocab * 4 * 2)
-    timed(user_fn(op, impl), base, mem, targets, rounds=200)
+    threads = torch.get_num_threads()
+    if impl == "ours_1thread":  # the row not split: what a busy machine's other core cannot spoil
+        torch.set_num_threads(1)
+    try:
+        timed(user_fn(op, impl), base, mem, targets, rounds=200)
+    finally:
+        torch.set_num_threads(threads)

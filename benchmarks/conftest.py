@@ -36,8 +36,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def uptime() -> str:
+    """`uptime`'s line: the machine's load while the benchmarks ran (a shared machine is rarely idle)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
+
+
+_LOAD_AT_START = uptime()
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["memdec_fast"] = {
+        "uptime_at_start": _LOAD_AT_START,
+        "uptime_at_end": uptime(),
         "devices": {d: device_name(d) for d in DEVICES},
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
