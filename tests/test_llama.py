@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PAD_ROWS, save_mlp_memory
-from test_cuda_graph import PROMPTS, shrinking_stop, with_static_step
+from test_cuda_graph import PROMPTS, flat, shrinking_stop, with_static_step
 
 from memdec_fast import JointGenerator, ops
 from memdec_fast.engine import Engine
+from memdec_fast.generation.cuda_graph import unsupported_reason
 from memdec_fast.models import HFRunner, LlamaRunner, load_causal_lm, runners
 from memdec_fast.models.llama import unsupported
 
 CPU = torch.device("cpu")
 compiled = pytest.mark.skipif(not ops.compiled_available(), reason="needs the compiled extension")
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or not ops.compiled_available(),
+                          reason="needs CUDA and the compiled extension")
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16, "rope_theta": 500000.0}
 
@@ -80,6 +83,7 @@ def left_padded(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tens
 def test_logits_and_mlp_input_equal_transformers_prefill_and_20_decode_steps(lckpts, tokenizer, kind):
     lean, hf = (load_causal_lm(lckpts[kind], CPU, torch.float32, lean=flag) for flag in (True, False))
     assert isinstance(lean, LlamaRunner) and isinstance(hf, HFRunner)
+    assert (lckpts[kind] / "model.safetensors.index.json").is_file() == (kind == "llama")  # sharded: read all shards
     lean.hidden_layer = hf.hidden_layer = 0
     ids, mask = left_padded(tokenizer, PROMPTS)  # three prompts of different lengths: left padding
     a, b = lean.prefill(ids, mask, ids.shape[1] + 21), hf.prefill(ids, mask, ids.shape[1] + 21)
@@ -138,6 +142,13 @@ def test_greedy_joint_generator_equals_the_reference_path(lckpts, base, memory):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
 
 
+def test_lean_llama_runners_can_run_as_cuda_graphs(lckpts):
+    gen = JointGenerator.from_pretrained(lckpts["qwen2"], lckpts["qwen2_mem"], lmbda=0.4, cuda_graphs=False)
+    gpu = torch.device("cuda")  # only the decision: nothing touches CUDA
+    assert unsupported_reason(gpu, gen.base, gen.memory, reference=False, compiled=True) is None
+    assert (gen.base.kv_heads, gen.base.head_dim, gen.memory.kv_heads, gen.memory.head_dim) == (2, 8, 3, 8)
+
+
 @compiled
 @pytest.mark.parametrize(("base", "memory"), [("qwen2", "qwen2_mem"), ("llama", "mlp")])
 def test_static_buffer_step_equals_eager(lckpts, base, memory):
@@ -153,6 +164,22 @@ def test_static_buffer_step_equals_eager(lckpts, base, memory):
     assert (8, 64) in graphs.entries
     got = gen.generate(prompts, max_new_tokens=10, temperature=[0.0, 0.8, 1.2, 0.5, 1.0], seed=11)
     assert got.token_ids == want_sampled.token_ids
+
+
+@cuda
+@pytest.mark.parametrize(("base", "memory"), [("qwen2", "qwen2_mem"), ("llama", "mlp")])
+def test_graph_replay_equals_eager_on_cuda(lckpts, base, memory):
+    gen = JointGenerator.from_pretrained(lckpts[base], lckpts[memory], lmbda=0.4, knn_temp=0.8, device="cuda",
+                                         dtype=torch.float32, cuda_graphs=False)
+    want = gen.generate(PROMPTS, max_new_tokens=12)
+    want_sampled = gen.generate(PROMPTS, max_new_tokens=12, temperature=0.9, top_p=0.95, seed=5)
+    graphs = with_static_step(gen, replay=True)
+    got = gen.generate(PROMPTS, max_new_tokens=12)
+    assert any(e.graph is not None for e in graphs.entries.values())  # the steps did replay a graph
+    assert got.token_ids == want.token_ids
+    assert torch.allclose(flat(got.logprobs), flat(want.logprobs), atol=1e-4)
+    assert gen.generate(PROMPTS, max_new_tokens=12, temperature=0.9, top_p=0.95, seed=5).token_ids == \
+        want_sampled.token_ids
 
 
 def test_engine_serves_a_lean_qwen2_pair(lckpts):
