@@ -111,16 +111,50 @@ MDF_VI double KeptWeight(const float* x, int64_t lo, int64_t hi, float threshold
   return sum;
 }
 
+// The pick among listed tokens (token order) that hold every token at or above
+// `threshold`: top-p and min-p raise the threshold, then the inverse CDF with
+// `uniform`. `values` is scratch.
+MDF_VI int64_t PickFromList(const std::vector<std::pair<int64_t, float>>& list, float threshold, const RowParams& p,
+                            float max_logp, float inv_t, float uniform, std::vector<float>& values) {
+  if (p.top_p < 1.0f) {
+    values.clear();
+    double total = 0.0;
+    for (const auto& kv : list) {
+      values.push_back(kv.second);
+      total += Weight1(kv.second, max_logp, inv_t);
+    }
+    threshold = TopPThreshold(values.data(), values.size(), p.top_p * total, max_logp, inv_t);
+  }
+  if (p.min_p > 0.0f) threshold = std::max(threshold, max_logp + p.temperature * logf(p.min_p));
+  double total = 0.0;
+  for (const auto& kv : list) {
+    if (kv.second >= threshold) total += Weight1(kv.second, max_logp, inv_t);
+  }
+  const double target = uniform * total;
+  double cum = 0.0;
+  int64_t pick = -1;
+  for (const auto& kv : list) {
+    if (kv.second < threshold) continue;
+    pick = kv.first;  // the last kept token, should rounding leave cum <= target
+    cum += Weight1(kv.second, max_logp, inv_t);
+    if (cum > target) break;
+  }
+  return pick;
+}
+
 struct RowScratch {
   std::vector<float> logp, kept;
   std::vector<std::vector<float>> chunk_values;  // per chunk
+  std::vector<std::vector<std::pair<int64_t, float>>> chunk_kept;  // per chunk: (token, log p)
+  std::vector<std::pair<int64_t, float>> kept_tokens;
   std::vector<std::pair<float, int64_t>> chunk_best;
   std::vector<double> weights;  // per chunk, or per block
 };
 
 // One row: log p into a buffer (one pass), the filters as one threshold on it,
-// then an inverse-CDF pick in two levels: the block of kBlock tokens from the
-// blocks' kept weights, then the token inside that block. One uniform per row.
+// then an inverse-CDF pick with one uniform per row. With top-k, the few kept
+// tokens are listed and the rest runs on them; otherwise the pick has two levels:
+// the block of kBlock tokens from the blocks' kept weights, then the token in it.
 template <typename TB, typename TM>
 void SampleRow(const TB* b, const TM* m, int64_t vocab, const RowParams& p, uint64_t seed, uint64_t offset,
                int64_t row, bool split, RowScratch& s, int64_t* token, float* logprob) {
@@ -136,9 +170,11 @@ void SampleRow(const TB* b, const TM* m, int64_t vocab, const RowParams& p, uint
   s.chunk_best.resize(chunks);
   s.chunk_values.resize(chunks);
   float* lp = s.logp.data();
+  const bool top_k = p.top_k > 0 && p.top_k < vocab && !IsGreedy(p);
   ForChunks(vocab, split, [&](int64_t c) {
     LogProbs(mix, b, m, c * kChunk, chunk_end(c), lp);
     s.chunk_best[c] = ArgMax(lp, c * kChunk, chunk_end(c));
+    if (top_k) TopKOfChunk(lp, c * kChunk, chunk_end(c), p.top_k, s.chunk_values[c]);  // while in cache
   });
   int64_t best = s.chunk_best[0].second;
   for (int64_t c = 1; c < chunks; ++c) {
@@ -155,12 +191,33 @@ void SampleRow(const TB* b, const TM* m, int64_t vocab, const RowParams& p, uint
     s.kept.clear();
     for (int64_t c = 0; c < chunks; ++c) s.kept.insert(s.kept.end(), s.chunk_values[c].begin(), s.chunk_values[c].end());
   };
-  float threshold = NegInf();
-  if (p.top_k > 0 && p.top_k < vocab) {
-    ForChunks(vocab, split, [&](int64_t c) { TopKOfChunk(lp, c * kChunk, chunk_end(c), p.top_k, s.chunk_values[c]); });
+  if (top_k) {
     gather();
-    threshold = KthLargest(s.kept.data(), s.kept.size(), p.top_k);
+    const float kth = KthLargest(s.kept.data(), s.kept.size(), p.top_k);
+    // Few tokens are kept (k and its ties): collect them in token order, and finish on this thread.
+    s.chunk_kept.resize(chunks);
+    ForChunks(vocab, split, [&](int64_t c) {
+      auto& out = s.chunk_kept[c];
+      out.clear();
+      int64_t i = c * kChunk;
+      for (; i + vec::kLanes <= chunk_end(c); i += vec::kLanes) {
+        const vec::I8 kept = vec::Load(lp + i) >= kth;
+        if (!vec::Any(kept)) continue;
+        for (int l = 0; l < vec::kLanes; ++l) {
+          if (kept[l]) out.emplace_back(i + l, lp[i + l]);
+        }
+      }
+      for (; i < chunk_end(c); ++i) {
+        if (lp[i] >= kth) out.emplace_back(i, lp[i]);
+      }
+    });
+    s.kept_tokens.clear();
+    for (int64_t c = 0; c < chunks; ++c) s.kept_tokens.insert(s.kept_tokens.end(), s.chunk_kept[c].begin(), s.chunk_kept[c].end());
+    vec::Run([&] { *token = PickFromList(s.kept_tokens, kth, p, max_logp, inv_t, RowUniform(seed, offset, row), s.kept); });
+    *logprob = mix.LogProb(static_cast<float>(b[*token]), static_cast<float>(m[*token]));
+    return;
   }
+  float threshold = NegInf();
   if (p.top_p < 1.0f) {
     s.weights.resize(chunks);
     ForChunks(vocab, split, [&](int64_t c) {
