@@ -3,8 +3,8 @@
 #   bash benchmarks/gpu_check.sh [--tiny] [--out DIR]
 # On a machine that already has torch and no network (the device image): builds the extension in place for the GPU
 # present, runs every CUDA test, compute-sanitizer (memcheck, racecheck, synccheck) over the CUDA op tests, then
-# bench_ops, bench_e2e and bench_serve, writes every result as JSON into DIR (default benchmarks/results/gpu_check),
-# and prints a table of each target, passed or missed (benchmarks/gpu_summary.py).
+# bench_ops, bench_e2e, bench_serve and bench_llama, writes every result as JSON into DIR (default
+# benchmarks/results/gpu_check), and prints a table of each target, passed or missed (benchmarks/gpu_summary.py).
 # --tiny: small sizes and smoke runs, so that the whole script also runs on a CPU (no sanitizer, CUDA tests skip).
 # Set MEMDEC_FAST_COMMIT when the checkout has no .git (the device copies the working tree without it).
 set -uo pipefail
@@ -59,6 +59,8 @@ else
   step bench_ops "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py --benchmark-json "$OUT/ops.json"
   step bench_e2e "$PY" benchmarks/bench_e2e.py --out "$OUT/e2e.json"
   step bench_serve "$PY" benchmarks/bench_serve.py --dtype bfloat16 --out "$OUT/serve.json"
+  step bench_llama "$PY" benchmarks/bench_llama.py --device cuda --pair 1.5b+0.5b --batches 1 8 32 --new-tokens 64 \
+    --out "$OUT/llama.json"
 fi
 # 5. the summary: gpu_check.json beside the other results, and a table on stdout
 "$PY" benchmarks/gpu_summary.py "$OUT"

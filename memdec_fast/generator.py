@@ -152,8 +152,9 @@ class JointGenerator:
         Parameters
         ----------
         base, memory : str or PathLike
-            Checkpoints. GPT-2 bases and Memory Decoders run on memdec_fast's
-            lean GPT-2; other architectures fall back to transformers.
+            Checkpoints. GPT-2 and Llama-family (llama, qwen2, mistral) bases and
+            Memory Decoders run on memdec_fast's lean models; other architectures,
+            and Llama-family configs the lean models refuse, fall back to transformers.
         memory_type : "auto", "decoder" or "mlp"
             "auto" picks "mlp" when an mlp_memory_config.json sits beside or above
             the weights, or the weights hold MLP blocks without attention.
