@@ -121,3 +121,22 @@ def test_info_checks_the_pair(capsys, tmp_path):
     assert run(["info", "--base", str(tmp_path / "nonexistent")]) == 2
     one_line_error(capsys, "nonexistent")
     assert run(["info", "--json"]) == 0
+
+
+def test_normal_use_prints_only_our_own_words():
+    # no transformers warnings (past_key_values, "sequence length is longer than..."), no loading bars
+    r = run_process([b"generate", b"Olga Hill lives in", b"--max-new-tokens", b"4"])
+    assert r.returncode == 0 and r.stderr.decode() == "", r.stderr.decode()
+    long_prompt = " ".join(["Olga Hill lives in Llequa."] * 60).encode()
+    r = run_process([b"generate", long_prompt, b"--max-new-tokens", b"4"])
+    err = r.stderr.decode()
+    assert r.returncode == 2 and len(err.strip().splitlines()) == 1 and "prompt too long" in err, err
+
+
+def test_the_transformers_path_raises_no_future_warning(ckpts):
+    code = ("import warnings; warnings.simplefilter('error', FutureWarning)\n"
+            "from memdec_fast import JointGenerator\n"
+            f"g = JointGenerator.from_pretrained({str(ckpts['base'])!r}, {str(ckpts['decoder'])!r}, reference=True)\n"
+            "print(g.generate('the quick', max_new_tokens=4).token_ids)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
