@@ -29,7 +29,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +41,8 @@ try:
     import memdec_fast  # noqa: F401  (the installed package, with its compiled extension, when there is one)
 except ImportError:
     sys.path.insert(0, str(ROOT))
+
+from provenance import git_commit
 
 from memdec_fast import JointGenerator, ops
 from memdec_fast.generation.cuda_graph import DecodeGraphs
@@ -64,14 +65,6 @@ COPY_TB_S = 3.0  # an H100's device-to-device copy, for the bandwidth floor
 
 Steps = Callable[[torch.Tensor, int], Iterator[object]]
 """run(ids [B, T], new_tokens): yields once after prefill and the first token, then after each decode step."""
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def tokenizer(vocab: int):

@@ -24,10 +24,8 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +39,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT))
 
+from provenance import git_commit, uptime
+
 from memdec_fast import JointGenerator
 from memdec_fast.models import load_causal_lm
 
@@ -53,21 +53,6 @@ QWEN25_15B = QWEN2_05B | {"hidden_size": 1536, "intermediate_size": 8960, "num_h
                           "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 131072}
 PAIRS = {"0.5b": (QWEN2_05B, QWEN2_05B), "1.5b+0.5b": (QWEN25_15B, QWEN2_05B)}
 TOKENIZER_ROWS = 151665  # Qwen2's tokenizer; the rest of the 151936 rows are padding
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return str(os.getloadavg())
 
 
 def tokenizer(vocab: int):

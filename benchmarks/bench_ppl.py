@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 
 VOCAB, CONTEXT = 50257, 1024
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,8 +149,7 @@ def main() -> None:
         base, memory = make_pair(Path(tmp))
         ours = spawn("ours", 1, base, memory, args.tokens, args.lmbda)
         upstream = [spawn("upstream", b, base, memory, args.tokens, args.lmbda) for b in args.upstream_batch]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                            check=False).stdout.strip()
+    commit = git_commit()
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,

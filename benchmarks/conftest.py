@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 
 import pytest
 import torch
+from provenance import git_commit, uptime
 
 # Inductor's background compile workers would otherwise still be busy when the
 # next case is timed; compile in-process instead.
@@ -26,22 +26,6 @@ def device_name(device: str) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def uptime() -> str:
-    """`uptime`'s line: the machine's load while the benchmarks ran (a shared machine is rarely idle)."""
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "load average: {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
 
 
 _LOAD_AT_START = uptime()
