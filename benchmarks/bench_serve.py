@@ -44,6 +44,9 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance.py, also when loaded by file path
+from provenance import git_commit, uptime
+
 from memdec_fast import JointGenerator
 from memdec_fast.engine import Engine
 
@@ -54,14 +57,6 @@ FULL = {"dims": {"n_embd": 768, "n_layer": 12, "n_head": 12}, "requests": 64, "m
 QUICK = {"dims": {"n_embd": 32, "n_layer": 2, "n_head": 4}, "requests": 8, "min_requests": 2,
          "concurrency": [1, 4], "prompt_tokens": (4, 16), "new_tokens": (2, 8)}
 CONTEXT = 256
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def dirty_files() -> list[str]:
@@ -263,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     counts = {c: min(n, max(low, 2 * c)) for c in sorted(args.concurrency or cfg["concurrency"])}
     reqs = request_mix(n, args.seed, cfg["prompt_tokens"], cfg["new_tokens"])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    load_start = load_average()
+    load_start, uptime_start, commit = load_average(), uptime(), git_commit()  # the code measured is HEAD at the start
     with tempfile.TemporaryDirectory() as tmp:
         base, memory, tok = build_pair(Path(tmp), cfg["dims"])
         runs = [run_dtype(base, memory, tok, device, dt, reqs, counts, args.prefill_chunk) for dt in args.dtype]
@@ -274,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "git_dirty": dirty_files(),
+        "git_commit": commit, "git_dirty": dirty_files(), "uptime_start": uptime_start, "uptime_end": uptime(),
         "command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "load_average_start": load_start, "load_average_end": load_average(), "lmbda": LMBDA, "knn_temp": KNN_TEMP,
         "mix": {"seed": args.seed, "requests": n, "per_concurrency": {str(c): k for c, k in counts.items()},
