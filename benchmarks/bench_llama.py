@@ -39,6 +39,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # provenance.py, also when loaded by file path
+
 from provenance import git_commit, uptime
 
 from memdec_fast import JointGenerator
