@@ -49,6 +49,7 @@ from provenance import git_commit
 from memdec_fast import JointGenerator, ops
 from memdec_fast.generation.cuda_graph import DecodeGraphs
 from memdec_fast.models import GPT2, GPT2Config, GPT2Runner, MLPMemory
+from memdec_fast.models.runners import cache_argument
 
 VARIANTS = ("a_upstream", "b_eager", "c_graph", "d_base_graph")
 PAIRS = {  # name: (base config, memory type, memory config)
@@ -175,19 +176,20 @@ def upstream_runner(base_cfg: dict, mem_type: str, mem_cfg: dict, vocab: int, de
     if mem_type == "mlp":
         base.transformer.h[-1].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     log_l, log_1ml = math.log(LMBDA), math.log(1 - LMBDA)
+    cache = cache_argument(base)  # the KV cache's argument name in this transformers version
 
     @torch.no_grad()
     def run(ids: torch.Tensor, new_tokens: int) -> Iterator[None]:
         x, past_b, past_m = ids, None, None
         for _ in range(new_tokens):
             seen.clear()
-            ob = base(x, past_key_values=past_b, use_cache=True)
-            past_b = ob.past_key_values
+            ob = base(x, **{cache: past_b}, use_cache=True)
+            past_b = getattr(ob, cache)
             if mem_type == "mlp":
                 mem_logits = mem(seen[0][:, -1])
             else:
-                om = mem(x, past_key_values=past_m, use_cache=True)
-                past_m, mem_logits = om.past_key_values, om.logits[:, -1]
+                om = mem(x, **{cache: past_m}, use_cache=True)
+                past_m, mem_logits = getattr(om, cache), om.logits[:, -1]
             logp = torch.logaddexp(torch.log_softmax(ob.logits[:, -1].float(), -1) + log_1ml,
                                    torch.log_softmax(mem_logits.float(), -1) + log_l)
             x = logp.argmax(-1, keepdim=True)

@@ -24,9 +24,12 @@ def run(argv: list[str]) -> int:
         return stop.code
 
 
-def run_process(args: list[str | bytes]) -> subprocess.CompletedProcess:
+def run_process(args: list[str | bytes], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # cwd outside the checkout: `python -c` puts the working directory first on sys.path, and a checkout's
+    # memdec_fast (without the compiled extension, in a non-editable install) must not shadow the installed one
     code = "import sys; from memdec_fast.cli import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=300, check=False)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=300, check=False,
+                          cwd=cwd or DEMO)
 
 
 @pytest.fixture(scope="module")
@@ -138,5 +141,6 @@ def test_the_transformers_path_raises_no_future_warning(ckpts):
             "from memdec_fast import JointGenerator\n"
             f"g = JointGenerator.from_pretrained({str(ckpts['base'])!r}, {str(ckpts['decoder'])!r}, reference=True)\n"
             "print(g.generate('the quick', max_new_tokens=4).token_ids)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                       cwd=DEMO)  # outside the checkout's import path, as in run_process
     assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr

@@ -12,8 +12,9 @@ import memdec_fast
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
+    # cwd outside the checkout: `python -c` puts it first on sys.path, and the installed package is under test
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-                          check=False)
+                          check=False, cwd=Path(memdec_fast.__file__).parent / "data")
 
 
 def test_no_lazy_name_is_a_submodule():
