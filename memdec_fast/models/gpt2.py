@@ -49,6 +49,17 @@ def activation(name: str) -> nn.Module:
     return ACT2FN[name]
 
 
+def keep_positions(x: torch.Tensor, hidden: torch.Tensor | None, last: torch.Tensor | None, tail: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The positions whose logits are wanted: each row's `last` [B] (x -> [B, 1, D]), the last `tail`, or all."""
+    if last is not None:
+        pick = torch.arange(x.shape[0], device=x.device), last
+        return x[pick][:, None], None if hidden is None else hidden[pick][:, None]
+    if tail is not None:
+        return x[:, -tail:], None if hidden is None else hidden[:, -tail:]
+    return x, hidden
+
+
 class KVCache(nn.Module):
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         # k, v: [B, H, S, Dh]; a CUDA graph may hold their addresses, so they are only written in place
@@ -233,13 +244,7 @@ class GPT2(nn.Module):
             if i == tap:
                 hidden = h
             x = x + block.mlp(h)
-        if last is not None:
-            pick = torch.arange(x.shape[0], device=x.device), last
-            x = x[pick][:, None]
-            hidden = None if hidden is None else hidden[pick][:, None]
-        elif tail is not None:
-            x = x[:, -tail:]
-            hidden = None if hidden is None else hidden[:, -tail:]
+        x, hidden = keep_positions(x, hidden, last, tail)
         x = self.ln_f(x)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight), hidden

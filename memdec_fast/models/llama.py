@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.gpt2 import KVCache, SlotCache, write_rows
+from memdec_fast.models.gpt2 import KVCache, SlotCache, keep_positions, write_rows
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -295,13 +295,7 @@ class Llama(nn.Module):
             if i == tap:
                 hidden = h
             x = x + block.mlp(h)
-        if last is not None:
-            pick = torch.arange(x.shape[0], device=x.device), last
-            x = x[pick][:, None]
-            hidden = None if hidden is None else hidden[pick][:, None]
-        elif tail is not None:
-            x = x[:, -tail:]
-            hidden = None if hidden is None else hidden[:, -tail:]
+        x, hidden = keep_positions(x, hidden, last, tail)
         x = self.norm(x)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight), hidden
