@@ -280,7 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, args.out.with_suffix(".png"))
+        try:
+            plot(result, args.out.with_suffix(".png"))
+        except ImportError:  # the `bench` extra: the JSON is the record, the picture a convenience
+            print("bench_serve: matplotlib is not installed, so no PNG was drawn (pip install '.[bench]')")
     for run in runs:
         print(run["dtype"], json.dumps(run["targets"]))
     return result

@@ -47,9 +47,11 @@ def targets(out: Path) -> list[tuple[str, str, float | None, bool | None]]:
     row("gpt2-xl + gpt2 decode, batch 1 (ms/token)", "<= 1.6", t.get("graph_ms_per_step"), lambda v: v <= 1.6)
     row("memory cost vs base alone (x)", "<= 1.10", t.get("ratio_to_base_alone"), lambda v: v <= 1.10)
     s = (serve or {}).get("targets", {})
-    for name, value in s.items():
-        if isinstance(value, bool):
-            rows.append((f"serve: {name}", "true", None, value))
+    c = s.get("concurrency", 32)
+    row(f"serve: tokens/s at concurrency {c} vs one at a time (x)", ">= 6", s.get("tokens_per_s_vs_one_at_a_time"),
+        lambda v: v >= 6)
+    row("serve: p99 time between tokens vs batch-1 step (x)", "<= 3", s.get("p99_itl_vs_batch1_step"),
+        lambda v: v <= 3)
     return rows
 
 
