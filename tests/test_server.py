@@ -534,8 +534,10 @@ def _serve_process(pair, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen,
 
 
 def test_sigterm_drains_requests_in_flight_and_exits_0(pair, tmp_path):
-    proc, url = _serve_process(pair, tmp_path, "--drain-timeout", "60", "--prefill-chunk", "64", "--max-batch", "4")
+    proc, url = _serve_process(pair, tmp_path, "--drain-timeout", "60", "--prefill-chunk", "64", "--max-batch", "4",
+                               "--max-context", "448")
     try:
+        assert httpx.get(url + "/v1/models", timeout=TIMEOUT).json()["data"][0]["max_model_len"] == 448  # 512 capped
         body = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 400, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
         events: list[str] = []

@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--prefill-chunk", type=_positive_int,
                    help="prompt tokens prefilled per engine step, summed over requests: the most one step delays "
                         "the running streams for new prompts (default: the engine's, 512)")
+    p.add_argument("--max-context", type=_positive_int,
+                   help="positions per request and cache slot (default: the models' context); caps the caches, "
+                        "which hold max-batch x max-context positions per model")
     p.add_argument("--drain-timeout", type=_non_negative, default=30.0,
                    help="seconds the requests in flight get to finish after SIGTERM")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
@@ -169,7 +172,8 @@ def _load_engine(args: argparse.Namespace, base: str, memory: str):
     from memdec_fast.engine import Engine
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    extra = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
+    extra = {k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("max_context", args.max_context))
+             if v is not None}
     return Engine.from_pretrained(base, memory, memory_type=args.memory_type, lmbda=args.lmbda,
                                   knn_temp=args.knn_temp, device=args.device, dtype=dtype, max_batch=args.max_batch,
                                   max_queue=args.max_queue, **extra)
