@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
+from memdec_fast.models.cache import CachedDecoder, KVCache, SlotCache, keep_positions, write_rows
 
 
 @dataclass
@@ -47,62 +47,6 @@ def activation(name: str) -> nn.Module:
     if name not in ACT2FN:
         raise ValueError(f"activation_function: unknown activation {name!r}")
     return ACT2FN[name]
-
-
-def keep_positions(x: torch.Tensor, hidden: torch.Tensor | None, last: torch.Tensor | None, tail: int | None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The positions whose logits are wanted: each row's `last` [B] (x -> [B, 1, D]), the last `tail`, or all."""
-    if last is not None:
-        pick = torch.arange(x.shape[0], device=x.device), last
-        return x[pick][:, None], None if hidden is None else hidden[pick][:, None]
-    if tail is not None:
-        return x[:, -tail:], None if hidden is None else hidden[:, -tail:]
-    return x, hidden
-
-
-class KVCache(nn.Module):
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        # k, v: [B, H, S, Dh]; a CUDA graph may hold their addresses, so they are only written in place
-        super().__init__()
-        self.register_buffer("k", k, persistent=False)
-        self.register_buffer("v", v, persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # input_pos: [T] cache slots; k, v: [B, H, T, Dh]
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
-
-
-class SlotCache(NamedTuple):
-    """One block's caller-owned cache, as a batch sees it (e.g. an engine's slots).
-
-    k, v: [N, H, S, Dh], N cache rows of S slots; rows: the batch's rows, a slice (the reads are
-    views) or a LongTensor [B] (the reads gather); length: attention reads slots [0, length).
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    rows: slice | torch.Tensor
-    length: int
-
-
-def write_rows(cache: SlotCache, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write each row's keys and values at that row's own cache slots, then read its slots [0, length).
-
-    slots: [B, T]; k, v: [B, H, T, Dh] -> (k, v) [B, H, length, Dh]. No data-dependent control flow,
-    so that a decode step can be captured in a CUDA graph.
-    """
-    if isinstance(cache.rows, slice):
-        ck, cv = cache.k[cache.rows], cache.v[cache.rows]  # views, written through
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1], broadcast against slots [B, T]
-    else:
-        ck, cv, rows = cache.k, cache.v, cache.rows[:, None]
-    ck[rows, :, slots] = k.transpose(1, 2)  # indexed as [B, T, H, Dh]
-    cv[rows, :, slots] = v.transpose(1, 2)
-    if isinstance(cache.rows, slice):
-        return ck[:, :, : cache.length], cv[:, :, : cache.length]
-    return cache.k[cache.rows, :, : cache.length], cache.v[cache.rows, :, : cache.length]
 
 
 class Attention(nn.Module):
@@ -154,7 +98,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
 
-class GPT2(nn.Module):
+class GPT2(CachedDecoder):
     """GPT2LMHeadModel's forward, with a static cache and access to one MLP input.
 
     Example
@@ -172,29 +116,12 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
-    def setup_caches(self, batch: int, length: int) -> None:
-        """Allocate a zeroed KV cache of `length` slots per block (kept when the shape is unchanged)."""
-        old = self.h[0].attn.kv_cache
-        dtype, device = self.wte.weight.dtype, self.wte.weight.device
-        if old is not None and old.k.shape[0] == batch and old.k.shape[2] == length and old.k.dtype == dtype:
-            return
+    def attention_blocks(self) -> nn.ModuleList:
+        return self.h
+
+    def kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         c = self.config
-        shape = (batch, c.n_head, length, c.n_embd // c.n_head)
-        for block in self.h:
-            # zeros, not empty: masked slots still enter probs @ V, and 0 * NaN would poison it
-            block.attn.kv_cache = KVCache(*(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv"))
-
-    def new_caches(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Zeroed (k, v) [batch, H, length, Dh] per block, owned by the caller (see forward's `caches`)."""
-        c, w = self.config, self.wte.weight
-        shape = (batch, c.n_head, length, c.n_embd // c.n_head)
-        return [tuple(torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in "kv") for _ in self.h]
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Shrink the caches to the batch rows `rows` [B'] (finished rows leave the batch)."""
-        for block in self.h:
-            cache = block.attn.kv_cache
-            cache.k, cache.v = cache.k.index_select(0, rows), cache.v.index_select(0, rows)
+        return batch, c.n_head, length, c.n_embd // c.n_head
 
     def forward(
         self,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.gpt2 import KVCache, SlotCache, keep_positions, write_rows
+from memdec_fast.models.cache import CachedDecoder, KVCache, SlotCache, keep_positions, write_rows
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -222,7 +222,7 @@ class Block(nn.Module):
         return self.self_attn
 
 
-class Llama(nn.Module):
+class Llama(CachedDecoder):
     """LlamaForCausalLM's forward (and Qwen2's, Mistral's), with a static cache and access to one MLP input.
 
     The forward's arguments and returns are those of :meth:`memdec_fast.models.gpt2.GPT2.forward`;
@@ -244,31 +244,12 @@ class Llama(nn.Module):
                                                                          bias=False)
         self.register_buffer("inv_freq", inv_frequencies(config), persistent=False)
 
-    def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+    def attention_blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    def kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         c = self.config
         return batch, c.num_key_value_heads, length, c.head_dim
-
-    def setup_caches(self, batch: int, length: int) -> None:
-        """Allocate a zeroed KV cache of `length` slots per block (kept when the shape is unchanged)."""
-        old, w = self.layers[0].self_attn.kv_cache, self.embed_tokens.weight
-        if old is not None and old.k.shape[0] == batch and old.k.shape[2] == length and old.k.dtype == w.dtype:
-            return
-        for block in self.layers:
-            # zeros, not empty: masked slots still enter probs @ V, and 0 * NaN would poison it
-            block.self_attn.kv_cache = KVCache(*(torch.zeros(self._kv_shape(batch, length), dtype=w.dtype,
-                                                             device=w.device) for _ in "kv"))
-
-    def new_caches(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Zeroed (k, v) [batch, Hkv, length, Dh] per block, owned by the caller (see forward's `caches`)."""
-        w = self.embed_tokens.weight
-        return [tuple(torch.zeros(self._kv_shape(batch, length), dtype=w.dtype, device=w.device) for _ in "kv")
-                for _ in self.layers]
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Shrink the caches to the batch rows `rows` [B'] (finished rows leave the batch)."""
-        for block in self.layers:
-            cache = block.self_attn.kv_cache
-            cache.k, cache.v = cache.k.index_select(0, rows), cache.v.index_select(0, rows)
 
     def forward(
         self,

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from memdec_fast.models import checkpoint, llama
-from memdec_fast.models.gpt2 import GPT2, KVCache, SlotCache
+from memdec_fast.models.cache import KVCache, SlotCache
+from memdec_fast.models.gpt2 import GPT2
 from memdec_fast.models.llama import Llama
 
 logger = logging.getLogger(__name__)
@@ -62,11 +63,13 @@ class LeanRunner:
     dtype, device : of the weights and caches
     """
 
-    def __init__(self, model: GPT2 | Llama, blocks: torch.nn.ModuleList, embedding: torch.Tensor):
-        self.model, self._blocks = model, blocks
+    def __init__(self, model: GPT2 | Llama):
+        self.model, self._blocks = model, model.attention_blocks()
         self.hidden_layer: int | None = None
         self.valid: torch.Tensor | None = None
-        self.dtype, self.device = embedding.dtype, embedding.device
+        weight = next(model.parameters())
+        self.dtype, self.device = weight.dtype, weight.device
+        _, self.kv_heads, _, self.head_dim = model.kv_shape(1, 1)
 
     @property
     def kv_width(self) -> int:
@@ -171,24 +174,22 @@ class GPT2Runner(LeanRunner):
     """Drives :class:`GPT2` with its static cache."""
 
     def __init__(self, model: GPT2):
-        super().__init__(model, model.h, model.wte.weight)
+        super().__init__(model)
         c = model.config
         self.vocab_size, self.max_context, self.hidden_size, self.num_layers = (
             c.vocab_size, c.n_positions, c.n_embd, c.n_layer,
         )
-        self.kv_heads, self.head_dim = c.n_head, c.n_embd // c.n_head
 
 
 class LlamaRunner(LeanRunner):
     """Drives :class:`Llama` (Llama, Qwen2, Mistral) with its static cache."""
 
     def __init__(self, model: Llama):
-        super().__init__(model, model.layers, model.embed_tokens.weight)
+        super().__init__(model)
         c = model.config
         self.vocab_size, self.max_context, self.hidden_size, self.num_layers = (
             c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,
         )
-        self.kv_heads, self.head_dim = c.num_key_value_heads, c.head_dim
 
 
 class HFRunner:
