@@ -38,7 +38,6 @@ from memdec_fast.generation.requests import (
     sampling_params,
 )
 from memdec_fast.generator import JointGenerator
-from memdec_fast.models import checkpoint
 
 __all__ = ["Engine"]
 
@@ -145,8 +144,7 @@ class Engine:
         base, memory, memory_type, device, dtype, tokenizer, base_temp :
             As in :meth:`JointGenerator.from_pretrained`.
         lmbda, knn_temp : float, optional
-            Default: the values in the memory's memdec_config.json
-            (:func:`memdec_fast.models.checkpoint.read_mixing`).
+            Default: the values stored with the memory, as in :meth:`JointGenerator.from_pretrained`.
         cuda_graphs, max_batch, max_queue, prefill_chunk, max_context :
             As in :class:`Engine`.
 
@@ -154,10 +152,6 @@ class Engine:
         -------
         >>> engine = Engine.from_pretrained("gpt2-xl", "path/to/memory", max_batch=32, max_queue=256)
         """
-        if lmbda is None or knn_temp is None:
-            mixing = checkpoint.read_mixing(memory)
-            lmbda = mixing["lmbda"] if lmbda is None else lmbda
-            knn_temp = mixing["knn_temp"] if knn_temp is None else knn_temp
         gen = JointGenerator.from_pretrained(base, memory, memory_type=memory_type, lmbda=lmbda, knn_temp=knn_temp,
                                              device=device, dtype=dtype, tokenizer=tokenizer, base_temp=base_temp,
                                              cuda_graphs=False)
