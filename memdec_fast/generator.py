@@ -24,12 +24,12 @@ from memdec_fast.generation import checks, cuda_graph, hf_args
 from memdec_fast.generation.penalty import RepetitionPenalty
 from memdec_fast.generation.requests import (
     Prompts,
+    check_one_prompt,
     check_prompt_length,
     check_request,
     encode_prompts,
     left_pad,
     parse_stop,
-    refuse_bytes,
     sampling_params,
     select_rows,
 )
@@ -432,11 +432,7 @@ class JointGenerator:
         >>> for piece in gen.stream("Once upon a time", max_new_tokens=50):
         ...     print(piece, end="", flush=True)
         """
-        refuse_bytes("prompt", prompt)
-        one_prompt = isinstance(prompt, str) or (
-            isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt))
-        if not one_prompt:
-            raise ValueError("stream: expected one prompt (a string or a list of token ids)")
+        check_one_prompt(prompt)
         args = {k: kwargs.pop(k, d) for k, d in
                 (("temperature", None), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("seed", None), ("stop", None),
                  ("lmbda", None), ("do_sample", None), ("max_length", None), ("repetition_penalty", 1.0))}

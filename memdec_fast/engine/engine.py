@@ -31,6 +31,7 @@ from memdec_fast.engine.scheduler import Request, Scheduler, Sink
 from memdec_fast.engine.step import ModelStep, batch_bucket
 from memdec_fast.engine.types import EngineClosed, RequestFailed, RequestOutput, StreamDelta
 from memdec_fast.generation.requests import (
+    check_one_prompt,
     check_prompt_length,
     check_request,
     encode_prompts,
@@ -212,11 +213,7 @@ class Engine:
         if unknown:
             raise TypeError(f"unexpected arguments {unknown}")
         s = SAMPLING | sampling
-        if not isinstance(prompt, str) and not (
-            isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray))
-            and all(isinstance(t, int) for t in prompt)
-        ):
-            raise ValueError("prompt: expected one prompt (a string or a list of token ids)")
+        check_one_prompt(prompt)
         with self._tok_lock:
             ids = encode_prompts(prompt, self.tokenizer, self.vocab)[0]
             stop_ids, stop_strings = parse_stop(s["stop"], self.tokenizer, self.vocab)

@@ -90,6 +90,13 @@ def refuse_bytes(name: str, value) -> None:
             f"{name}: got bytes; pass text as str (e.g. value.decode('utf-8')) or token ids as a list of ints")
 
 
+def check_one_prompt(prompt, name: str = "prompt") -> None:
+    """ValueError unless `prompt` is one prompt: a string or a sequence of token ids (bytes are refused by name)."""
+    refuse_bytes(name, prompt)
+    if not isinstance(prompt, str) and not (isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt)):
+        raise ValueError(f"{name}: expected one prompt (a string or a list of token ids)")
+
+
 def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
     """ValueError when a prompt and its new tokens need more positions than the context holds (the last token needs
     no forward)."""
