@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature=0 for greedy decoding
@@ -72,18 +72,11 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"only 1 is supported, got {v}")
         return v
 
-    @field_validator("echo")
+    @field_validator("echo", "suffix", "logit_bias")
     @classmethod
-    def _no_echo(cls, v: bool | None) -> bool | None:
+    def _unsupported(cls, v, info: ValidationInfo):
         if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix is not supported")
+            raise ValueError(f"{info.field_name} is not supported")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -91,13 +84,6 @@ class CompletionRequest(BaseModel):
     def _no_penalty(cls, v: float | None) -> float | None:
         if v:
             raise ValueError("penalties are not supported (only 0)")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, v: dict | None) -> dict | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
         return v
 
     def prompts(self) -> list[str] | list[list[int]]:
