@@ -290,46 +290,44 @@ class JointGenerator:
         """The decode loop: fills `out` one token per live row per step, and yields after each step.
 
         It owns the caches (:meth:`_exclusive`) from its first step until it ends or is closed.
+        Finished rows are skipped; once half or fewer of the computed rows are live, the finished
+        ones leave the batch (caches shrink).
         """
         with self._exclusive():
-            yield from self._decode(rows, max_new_tokens, params, seed, stop_ids, out, track_text, stop, penalty)
-
-    def _decode(self, rows, max_new_tokens, params, seed, stop_ids, out, track_text, stop, penalty) -> Iterator[None]:
-        """The body of :meth:`_steps`. Finished rows are skipped; once half or fewer of the computed rows
-        are live, the finished ones leave the batch (caches shrink)."""
-        ids, mask = left_pad(rows, self._pad_id, self.device)
-        length = ids.shape[1] + max_new_tokens - 1  # cache slots: the last token needs no forward
-        live = list(range(len(rows)))  # original index of each computed batch row
-        session = None
-        if self._graphs is not None and penalty == 1.0:
-            session = self._graphs.session(len(rows), length, params, seed, partial(self._both, "prefill"))
-        pen = RepetitionPenalty(rows, self.vocab, penalty, self.device) if penalty != 1.0 else None
-        session = session or _EagerSession(self, params, seed, length, pen)
-        tokens, logprobs = session.start(ids, mask)
-        for step in range(max_new_tokens):
-            for r, t, lp in zip(live, tokens.tolist(), logprobs.tolist()):
-                row = out[r]
-                if row.finish_reason is not None:
-                    continue
-                if t < 0:
-                    raise RuntimeError(f"prompt {r}: the models produced NaN or infinite logits at step {step}")
-                row.token_ids.append(t)
-                row.logprobs.append(lp)
-                if track_text:
-                    row.update_text(self.tokenizer, stop)
-                if row.finish_reason is None and t in stop_ids:
-                    row.finish_reason = "eos" if t == self.tokenizer.eos_token_id else "stop"
-                if row.finish_reason is None and step == max_new_tokens - 1:
-                    row.finish_reason = "length"
-            yield
-            keep = [i for i, r in enumerate(live) if out[r].finish_reason is None]
-            if not keep:
-                return
-            if len(keep) <= len(live) // 2:
-                idx = torch.tensor(keep, device=self.device)
-                session.keep_rows(idx)
-                live, tokens = [live[i] for i in keep], tokens[idx]
-            tokens, logprobs = session.step(tokens)
+            ids, mask = left_pad(rows, self._pad_id, self.device)
+            length = ids.shape[1] + max_new_tokens - 1  # cache slots: the last token needs no forward
+            live = list(range(len(rows)))  # original index of each computed batch row
+            session = None
+            if self._graphs is not None and penalty == 1.0:
+                session = self._graphs.session(len(rows), length, params, seed, partial(self._both, "prefill"))
+            pen = None if penalty == 1.0 else RepetitionPenalty(rows, self.vocab, penalty, self.device,
+                                                                reference if self.reference else ops)
+            session = session or _EagerSession(self, params, seed, length, pen)
+            tokens, logprobs = session.start(ids, mask)
+            for step in range(max_new_tokens):
+                for r, t, lp in zip(live, tokens.tolist(), logprobs.tolist()):
+                    row = out[r]
+                    if row.finish_reason is not None:
+                        continue
+                    if t < 0:
+                        raise RuntimeError(f"prompt {r}: the models produced NaN or infinite logits at step {step}")
+                    row.token_ids.append(t)
+                    row.logprobs.append(lp)
+                    if track_text:
+                        row.update_text(self.tokenizer, stop)
+                    if row.finish_reason is None and t in stop_ids:
+                        row.finish_reason = "eos" if t == self.tokenizer.eos_token_id else "stop"
+                    if row.finish_reason is None and step == max_new_tokens - 1:
+                        row.finish_reason = "length"
+                yield
+                keep = [i for i, r in enumerate(live) if out[r].finish_reason is None]
+                if not keep:
+                    return
+                if len(keep) <= len(live) // 2:
+                    idx = torch.tensor(keep, device=self.device)
+                    session.keep_rows(idx)
+                    live, tokens = [live[i] for i in keep], tokens[idx]
+                tokens, logprobs = session.step(tokens)
 
     def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, lmbda, track_text,
                do_sample=None, max_length=None, repetition_penalty=1.0, num_return_sequences=1):
@@ -457,8 +455,7 @@ class _EagerSession:
     def __init__(self, gen: JointGenerator, params: dict[str, Param], seed: int | None, length: int,
                  penalty: RepetitionPenalty | None = None):
         self.gen, self.params, self.length = gen, params, length
-        impl = reference if gen.reference else ops
-        self.sample = impl.sample if penalty is None else partial(_penalized, penalty, impl)
+        self.sample = penalty or (reference.sample if gen.reference else ops.sample)
         self.penalty = penalty
         self.rng = None
         if seed is not None:
@@ -481,10 +478,6 @@ class _EagerSession:
         self.params = select_rows(self.params, rows)
         if self.penalty is not None:
             self.penalty.keep_rows(rows)
-
-
-def _penalized(penalty: RepetitionPenalty, impl, base_logits, mem_logits, generator=None, **params):
-    return penalty.sample(impl, base_logits, mem_logits, params, generator)
 
 
 def _repeat_rows(value, n: int):

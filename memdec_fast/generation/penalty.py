@@ -23,23 +23,24 @@ class RepetitionPenalty:
     vocab : int, the mixture's size V
     penalty : float > 0 (1.0 is no penalty)
     device : where the logits live
+    ops_module : memdec_fast.ops, or memdec_fast.reference
     """
 
-    def __init__(self, rows: list[list[int]], vocab: int, penalty: float, device: torch.device):
-        self.penalty = penalty
+    def __init__(self, rows: list[list[int]], vocab: int, penalty: float, device: torch.device, ops_module):
+        self.penalty, self.ops = penalty, ops_module
         self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)  # [B, V]
         for i, r in enumerate(rows):
             self.seen[i, r] = True
 
-    def sample(self, ops_module, base_logits: torch.Tensor, mem_logits: torch.Tensor, params: dict[str, Param],
-               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens [B], log p [B]) like ops.sample, from the penalised mixture."""
+    def __call__(self, base_logits: torch.Tensor, mem_logits: torch.Tensor, generator: torch.Generator | None = None,
+                 **params: Param) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [B], log p [B]) like ops.sample (same arguments), from the penalised mixture."""
         mix = {k: params[k] for k in ("lmbda", "knn_temp", "base_temp")}
         warp = {k: params[k] for k in ("temperature", "top_k", "top_p", "min_p")}
-        logp = ops_module.joint_logprobs(base_logits, mem_logits, **mix)  # [B, V] float32
+        logp = self.ops.joint_logprobs(base_logits, mem_logits, **mix)  # [B, V] float32
         scores = torch.where(self.seen, logp * self.penalty, logp)
         # the scores are the logits of the distribution to sample: lmbda 0 keeps them as they are
-        tokens, _ = ops_module.sample(scores, scores, lmbda=0.0, **warp, generator=generator)
+        tokens, _ = self.ops.sample(scores, scores, lmbda=0.0, **warp, generator=generator)
         picked = tokens.clamp_min(0)
         lp = logp.gather(1, picked[:, None])[:, 0].masked_fill(tokens < 0, float("nan"))
         self.seen[torch.arange(len(tokens), device=tokens.device), picked] = True

@@ -231,5 +231,7 @@ def mixing_defaults(memory, lmbda: float | None, knn_temp: float | None) -> tupl
 
     `memory` may be a path, a hub name, or a loaded model (which stores nothing: upstream's defaults).
     """
+    if lmbda is not None and knn_temp is not None:
+        return lmbda, knn_temp
     stored = read_mixing(memory) if isinstance(memory, (str, os.PathLike)) else dict(DEFAULT_MIXING)
     return (stored["lmbda"] if lmbda is None else lmbda), (stored["knn_temp"] if knn_temp is None else knn_temp)
