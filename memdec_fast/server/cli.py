@@ -63,19 +63,6 @@ def _non_negative(text: str) -> float:
     return v
 
 
-def _check_device(text: str | None) -> None:
-    import torch
-
-    try:
-        device = torch.device(text or "cpu")
-    except RuntimeError:
-        raise ValueError(f"--device: {text!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: {text!r} is not supported (cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {text} asked for, but no CUDA device is available here")
-
-
 def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -101,13 +88,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ModuleNotFoundError as err:
         raise ValueError(f"serve needs {err.name}: pip install 'memdec_fast[serve]'") from None
-    from memdec_fast.cli import _pair
+    from memdec_fast.cli import _device, _pair
 
     base, memory = _pair(args)
-    _check_device(args.device)
+    device = _device(args.device)
     sock = _bind(args.host, args.port)
     try:
-        engine = _load_engine(args, base, memory)
+        engine = _load_engine(args, base, memory, device)
     except BaseException:
         sock.close()
         raise
@@ -166,7 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_engine(args: argparse.Namespace, base: str, memory: str):
+def _load_engine(args: argparse.Namespace, base: str, memory: str, device):
     import torch
 
     from memdec_fast.engine import Engine
@@ -175,7 +162,7 @@ def _load_engine(args: argparse.Namespace, base: str, memory: str):
     extra = {k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("max_context", args.max_context))
              if v is not None}
     return Engine.from_pretrained(base, memory, memory_type=args.memory_type, lmbda=args.lmbda,
-                                  knn_temp=args.knn_temp, device=args.device, dtype=dtype, max_batch=args.max_batch,
+                                  knn_temp=args.knn_temp, device=device, dtype=dtype, max_batch=args.max_batch,
                                   max_queue=args.max_queue, **extra)
 
 
