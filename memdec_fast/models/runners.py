@@ -207,21 +207,13 @@ class HFRunner:
         self._hook = None
         self._captured: torch.Tensor | None = None
 
-    def _blocks(self) -> torch.nn.ModuleList:
-        base = self.model.base_model
-        for name in ("h", "layers", "blocks"):
-            blocks = getattr(base, name, None)
-            if isinstance(blocks, torch.nn.ModuleList) and hasattr(blocks[0], "mlp"):
-                return blocks
-        raise ValueError(f"{type(self.model).__name__}: cannot find its blocks' MLPs to read an MLP Memory's input")
-
     def _capture(self) -> None:
         """Hook the input of block hidden_layer's MLP (the hook follows hidden_layer when it changes)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         if self.hidden_layer is not None:
-            mlp = self._blocks()[self.hidden_layer].mlp
+            mlp = mlp_blocks(self.model)[self.hidden_layer].mlp
             self._hook = mlp.register_forward_pre_hook(lambda _m, args: setattr(self, "_captured", args[0]))
 
     def _run(self, cache=None, **kw) -> Output:
@@ -266,6 +258,19 @@ class HFRunner:
         if last is None:
             return logits, hidden
         return logits[:, -last:], None if hidden is None else hidden[:, -last:]
+
+
+def mlp_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """A transformers causal LM's blocks, each with an ``mlp`` (GPT-2's h, Llama's and GPT-NeoX's layers, OPT's
+    decoder.layers, ...); ValueError when there are none to find."""
+    base = model.base_model
+    for path in ("h", "layers", "blocks", "decoder.layers"):
+        blocks = base
+        for part in path.split("."):
+            blocks = getattr(blocks, part, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks) and hasattr(blocks[0], "mlp"):
+            return blocks
+    raise ValueError(f"{type(model).__name__}: cannot find its blocks' MLPs")
 
 
 def cache_argument(model: torch.nn.Module) -> str:

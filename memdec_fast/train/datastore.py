@@ -28,6 +28,7 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
+from memdec_fast.models.runners import mlp_blocks
 from memdec_fast.train.files import read_json_object, write_json_atomic
 from memdec_fast.train.models import Model, load_lm, load_tokenizer
 
@@ -130,13 +131,6 @@ def tokenize_corpus(corpus: str | Path | Iterable[str], tokenizer, out: Path, ch
     return count
 
 
-def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for attr in ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers"):
-        with contextlib.suppress(AttributeError):
-            return _getattr_path(model, attr)
-    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
-
-
 @contextlib.contextmanager
 def last_mlp_inputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Capture the hidden state entering the last block's MLP (after its norm) on each forward.
@@ -144,17 +138,11 @@ def last_mlp_inputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     Yields a list that receives one tensor [B, T, D] per forward pass.
     """
     captured: list[torch.Tensor] = []
-    handle = _blocks(model)[-1].mlp.register_forward_hook(lambda _m, args, _out: captured.append(args[0].detach()))
+    handle = mlp_blocks(model)[-1].mlp.register_forward_hook(lambda _m, args, _out: captured.append(args[0].detach()))
     try:
         yield captured
     finally:
         handle.remove()
-
-
-def _getattr_path(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def base_fingerprint(model: Model, name: str) -> dict:
@@ -174,7 +162,7 @@ def base_fingerprint(model: Model, name: str) -> dict:
 
 
 def _layer(model: Model) -> dict:
-    n = len(_blocks(model))
+    n = len(mlp_blocks(model))
     return {"block": n - 1, "of": n, "point": "mlp_input"}
 
 
