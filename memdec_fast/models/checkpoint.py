@@ -71,16 +71,17 @@ def load_config(name_or_path: str | os.PathLike) -> dict:
     return read_json(path)
 
 
-def read_json(path: str) -> dict:
-    """A JSON object from `path`, or ValueError naming the file."""
+def read_json(path: str | os.PathLike, recover: str | None = None) -> dict:
+    """A JSON object from `path`, or ValueError naming the file (and saying how to recover, when given)."""
+    then = "" if recover is None else f"; {recover}"
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: corrupt JSON ({err})") from err
+        raise ValueError(f"{os.fspath(path)} is empty or corrupt JSON ({type(err).__name__}: {err}){then}") from err
     if isinstance(data, dict):
         return data
-    raise ValueError(f"{path}: corrupt JSON (expected an object)")
+    raise ValueError(f"{os.fspath(path)} is corrupt (a JSON {type(data).__name__}, expected an object){then}")
 
 
 def weight_files(name_or_path: str | os.PathLike) -> list[str]:

@@ -28,8 +28,9 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
+from memdec_fast.models.checkpoint import read_json
 from memdec_fast.models.runners import mlp_blocks
-from memdec_fast.train.files import read_json_object, write_json_atomic
+from memdec_fast.train.files import write_json_atomic
 from memdec_fast.train.models import Model, load_lm, load_tokenizer
 
 __all__ = ["FORMAT", "Datastore", "base_fingerprint", "build_datastore", "iter_documents", "last_mlp_inputs",
@@ -56,7 +57,7 @@ class Datastore:
         meta_file = path / "meta.json"
         if not meta_file.is_file():
             raise ValueError(f"{path} is not a datastore (no meta.json); build one with build_datastore")
-        meta = read_json_object(meta_file, _REBUILD)
+        meta = read_json(meta_file, recover=_REBUILD)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_file} was written by an older memdec_fast and records neither the base nor a "
                              f"completion state; {_REBUILD}")
@@ -226,7 +227,7 @@ def build_datastore(
     old = None
     if meta_file.exists():
         try:
-            old = read_json_object(meta_file, _REBUILD)
+            old = read_json(meta_file, recover=_REBUILD)
         except ValueError:
             if not overwrite:
                 raise

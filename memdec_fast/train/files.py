@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["check_output_dir", "read_json_object", "remove_own", "write_json_atomic"]
+__all__ = ["check_output_dir", "remove_own", "write_json_atomic"]
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:
@@ -40,25 +40,6 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def read_json_object(path: str | Path, recover: str) -> dict:
-    """The JSON object in `path`, or ValueError naming the file and saying how to recover.
-
-    Parameters
-    ----------
-    path : path
-        The file (it must exist).
-    recover : str
-        What the user can do, e.g. "rerun with --overwrite to rebuild the datastore".
-    """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is empty or corrupt ({type(err).__name__}: {err}); {recover}") from err
-    if isinstance(data, dict):
-        return data
-    raise ValueError(f"{path} is corrupt (a JSON {type(data).__name__}, expected an object); {recover}")
 
 
 # What save_pretrained (model, config, tokenizer) and the trainers write into a memory's directory.

@@ -22,8 +22,9 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
+from memdec_fast.models.checkpoint import read_json
 from memdec_fast.train.datastore import Datastore
-from memdec_fast.train.files import read_json_object, write_json_atomic
+from memdec_fast.train.files import write_json_atomic
 from memdec_fast.train.index import EXACT_MAX, build_index, save_index, search
 
 __all__ = ["KnnTargets", "build_knn_targets", "drop_self", "knn_distribution"]
@@ -91,7 +92,7 @@ class KnnTargets:
         meta_file = path / "meta.json"
         if not meta_file.is_file():
             raise ValueError(f"{path} has no kNN targets; run build_knn_targets first")
-        self.meta = read_json_object(meta_file, _REBUILD)
+        self.meta = read_json(meta_file, recover=_REBUILD)
         if "n_keys" not in self.meta or self.meta.get("rows_done", 0) < self.meta["n_keys"]:
             raise ValueError(f"kNN targets in {path} are incomplete ({self.meta.get('rows_done')}/"
                              f"{self.meta.get('n_keys')} rows); {_REBUILD}")
@@ -149,7 +150,7 @@ def build_knn_targets(
     meta_file = out / "meta.json"
     want = {"k": k, "temperature": temperature, "width": width, "n_keys": n}
     try:
-        meta = read_json_object(meta_file, _REBUILD) if meta_file.is_file() else {}
+        meta = read_json(meta_file, recover=_REBUILD) if meta_file.is_file() else {}
     except ValueError:
         meta = {}  # derived data: a corrupt meta.json only costs a rebuild
     if {key: meta.get(key) for key in want} != want:
