@@ -154,7 +154,19 @@ def progress(line: str, fd: int | None = None) -> None:
 
 
 class ProgressBuildExtension(BuildExtension):
-    """BuildExtension that reports ninja's [done/total] steps with the elapsed time."""
+    """BuildExtension that reports ninja's [done/total] steps with the elapsed time.
+
+    Objects go to a folder of their own for each torch build (version, CPU or CUDA), and the extension is always
+    relinked: two environments built from one checkout (the main one and tests/vllm's) never reuse each other's
+    objects or library. Ninja still skips the objects that are up to date.
+    """
+
+    def finalize_options(self):
+        super().finalize_options()
+        kind = "cuda" if any(e.define_macros and ("MEMDEC_FAST_WITH_CUDA", "1") in e.define_macros
+                             for e in self.extensions) else "cpu"
+        self.build_temp = os.path.join(self.build_temp, f"torch-{torch.__version__}-{kind}")
+        self.force = True
 
     def build_extensions(self):
         read_fd, write_fd = os.pipe()

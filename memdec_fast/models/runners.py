@@ -261,9 +261,9 @@ class HFRunner:
 
 
 def mlp_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """A transformers causal LM's blocks, each with an ``mlp`` (GPT-2's h, Llama's and GPT-NeoX's layers, OPT's
-    decoder.layers, ...); ValueError when there are none to find."""
-    base = model.base_model
+    """A causal LM's blocks, each with an ``mlp`` (GPT-2's h, Llama's and GPT-NeoX's layers, OPT's decoder.layers,
+    ...), in a transformers model or in vLLM's model of the same family; ValueError when there are none to find."""
+    base = getattr(model, "base_model", None) or getattr(model, "transformer", None) or getattr(model, "model", model)
     for path in ("h", "layers", "blocks", "decoder.layers"):
         blocks = base
         for part in path.split("."):

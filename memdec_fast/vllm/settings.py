@@ -1,0 +1,158 @@
+"""What a vLLM deployment asks of the plugin, read from the base's config and checked before any weight loads.
+
+The user names the memory through ``hf_overrides`` on the base's config::
+
+    {"architectures": ["MemDecForCausalLM"], "memdec_memory": PATH, "memdec_memory_type": "auto",
+     "memdec_lmbda": 0.55, "memdec_knn_temp": 1.0}
+
+Only memdec_memory is required; the type is detected and lmbda / knn_temp come from
+the memory's stored values, as in :meth:`memdec_fast.JointGenerator.from_pretrained`.
+Every check here raises ValueError with one sentence naming the problem. They run
+in vLLM's front-end process when its config is built (see :func:`verify_deployment`),
+and again in each worker before the model is built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from memdec_fast.generation import checks
+from memdec_fast.models import checkpoint, detect_memory_type
+from memdec_fast.params import check_params
+from memdec_fast.vllm import ARCHITECTURE
+
+MEMORY_TYPES = ("auto", "decoder", "mlp")
+
+
+@dataclass(frozen=True)
+class MemDecSettings:
+    """The memory to serve beside the base, and how to mix them.
+
+    memory : the path or hub name given as memdec_memory
+    memory_type : "decoder" or "mlp" (never "auto": detected)
+    lmbda, knn_temp : mixture weight of the memory and its softmax temperature
+    base_architecture : the vLLM architecture of the base (its config's, before the override)
+    vocab : len(tokenizer) of the base; the mixture covers these tokens, the rows beyond are -inf
+    """
+
+    memory: str
+    memory_type: str
+    lmbda: float
+    knn_temp: float
+    base_architecture: str
+    vocab: int
+
+
+def read_settings(hf_config, model: str, tokenizer: str | None = None) -> MemDecSettings:
+    """The plugin's settings from the base's (overridden) config; ValueError on a bad or missing value.
+
+    Parameters
+    ----------
+    hf_config : the base's transformers config, with the memdec_* overrides as attributes
+    model : the base checkpoint vLLM serves (path or hub name)
+    tokenizer : the tokenizer vLLM uses, when not the base's own
+    """
+    memory = getattr(hf_config, "memdec_memory", None)
+    if not isinstance(memory, (str, os.PathLike)) or not os.fspath(memory):
+        raise ValueError(f"{ARCHITECTURE}: name the memory in hf_overrides, e.g. "
+                         '{"architectures": ["MemDecForCausalLM"], "memdec_memory": "path/to/memory"}')
+    memory = os.fspath(memory)
+    memory_type = getattr(hf_config, "memdec_memory_type", None) or "auto"
+    if memory_type not in MEMORY_TYPES:
+        raise ValueError(f"memdec_memory_type: unknown memory type {memory_type!r}; expected one of {MEMORY_TYPES}")
+    try:
+        checkpoint.check_config_against_weights(memory)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"memdec_memory: {err}") from err
+    detected = detect_memory_type(memory)
+    by_weights = detect_memory_type(memory, by_weights=True)
+    if memory_type != "auto" and by_weights is not None and by_weights != memory_type:
+        raise ValueError(f"memdec_memory_type: {memory_type!r}, but {memory} looks like "
+                         f"{'an MLP Memory' if by_weights == 'mlp' else 'a Memory Decoder'}; "
+                         f"set it to {by_weights!r} or 'auto'")
+    lmbda, knn_temp = checkpoint.mixing_defaults(memory, _number(hf_config, "memdec_lmbda"),
+                                                 _number(hf_config, "memdec_knn_temp"))
+    check_params(1, lmbda=lmbda, knn_temp=knn_temp)
+    tok = checks.load_tokenizer(tokenizer or model)
+    checks.check_tokenizers(tok, memory)
+    return MemDecSettings(memory, detected if memory_type == "auto" else memory_type, float(lmbda), float(knn_temp),
+                          base_architecture(hf_config, model), len(tok))
+
+
+def _number(hf_config, key: str) -> float | None:
+    value = getattr(hf_config, key, None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    return value
+
+
+def base_architecture(hf_config, model: str) -> str:
+    """The base's own architecture: its config.json's (the override replaced it), else its model type's."""
+    try:
+        found = checkpoint.load_config(model).get("architectures") or []
+    except (FileNotFoundError, ValueError):
+        found = []
+    found = [a for a in found if a != ARCHITECTURE]
+    if found:
+        return found[0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", None))
+    if name is None:
+        raise ValueError(f"{model}: cannot tell the base's architecture (no 'architectures' in its config.json)")
+    return name
+
+
+def memory_config(settings: MemDecSettings):
+    """The memory's transformers config (a GPT2Config for an MLP Memory, as upstream stores it)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(settings.memory)
+
+
+def check_vocab(settings: MemDecSettings, base_config, mem_config) -> None:
+    """Both models' output rows must cover the tokenizer; the memory's rows beyond it are dropped."""
+    rows = {"base": base_config.get_text_config().vocab_size, "memory": mem_config.vocab_size}
+    for who, n in rows.items():
+        if n < settings.vocab:
+            raise ValueError(f"vocabulary mismatch: the {who} has {n} output rows, but the base's tokenizer has "
+                             f"{settings.vocab} tokens; a memory must be trained on the base's tokenizer")
+
+
+def check_parallelism(vllm_config, settings: MemDecSettings, mem_config) -> None:
+    """Refuse what the plugin does not support: pipeline parallelism, speculative decoding, and a tensor-parallel
+    size that does not divide the attention heads of the base or of a Memory Decoder (or an MLP Memory's width)."""
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError(f"{ARCHITECTURE}: pipeline parallelism is not supported (pipeline_parallel_size="
+                         f"{parallel.pipeline_parallel_size}); use tensor or data parallelism")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ValueError(f"{ARCHITECTURE}: speculative decoding is not supported; remove the speculative config")
+    tp = parallel.tensor_parallel_size
+    sizes = [("base", vllm_config.model_config.model, "attention heads",
+              vllm_config.model_config.hf_config.get_text_config().num_attention_heads)]
+    if settings.memory_type == "decoder":
+        sizes.append(("memory", settings.memory, "attention heads", mem_config.num_attention_heads))
+    else:
+        sizes.append(("MLP Memory", settings.memory, "hidden units per block",
+                      mem_config.n_inner or 4 * mem_config.n_embd))
+    for who, where, what, n in sizes:
+        if n % tp:
+            raise ValueError(f"tensor_parallel_size {tp} does not divide the {who}'s {n} {what} ({where}); "
+                             "pick a size that does")
+
+
+def settings_of(vllm_config) -> MemDecSettings:
+    """Read and check a deployment's settings: everything but the weights."""
+    model_config = vllm_config.model_config
+    settings = read_settings(model_config.hf_config, model_config.model, model_config.tokenizer)
+    mem_config = memory_config(settings)
+    check_vocab(settings, model_config.hf_config, mem_config)
+    check_parallelism(vllm_config, settings, mem_config)
+    return settings
+
+
+def verify_deployment(vllm_config) -> None:
+    """vLLM's config hook for MemDecForCausalLM: fail in the front-end process, before workers start."""
+    settings_of(vllm_config)
