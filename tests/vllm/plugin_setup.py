@@ -1,0 +1,37 @@
+"""The tiny pairs the vLLM plugin's tests serve, and the engine arguments they use.
+
+GPT-2 bases and memories with head_dim 32 or 64 (vLLM's CPU attention refuses the demo pair's 24), saved with the
+byte-level tokenizer of tests/tiny_models.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tiny_models import PAD_ROWS, save_gpt2, save_mlp_memory
+
+LMBDA = 0.4
+MAX_LEN = 128
+
+
+def save_pairs(root: Path, tokenizer) -> dict[str, Path]:
+    """A base and its memories: a Memory Decoder of another shape, and an MLP Memory reading block 0."""
+    vocab = len(tokenizer) + PAD_ROWS
+    return {
+        "base": save_gpt2(root / "base", tokenizer, seed=0, n_embd=64, n_head=2, n_positions=MAX_LEN),
+        "decoder": save_gpt2(root / "decoder", tokenizer, seed=1, n_embd=64, n_head=1, n_layer=3,
+                             n_positions=MAX_LEN, activation_function="relu"),
+        "mlp": save_mlp_memory(root / "mlp", vocab, seed=2, n_embd=48, input_dim=64, layer_position=0),
+    }
+
+
+def overrides(memory, **extra) -> dict:
+    """hf_overrides that serve the base with `memory`."""
+    return {"architectures": ["MemDecForCausalLM"], "memdec_memory": str(memory), **extra}
+
+
+def engine_args(base, memory, **extra) -> dict:
+    """vllm.LLM arguments for a float32, eager CPU engine of the base and `memory` at lambda LMBDA."""
+    args = {"model": str(base), "dtype": "float32", "enforce_eager": True, "max_model_len": MAX_LEN, "seed": 0,
+            "hf_overrides": overrides(memory, memdec_lmbda=LMBDA)}
+    return args | extra

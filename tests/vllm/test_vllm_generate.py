@@ -1,0 +1,92 @@
+"""The plugin on vLLM's engine against memdec_fast's own: greedy tokens, prompt logprobs, sampling frequencies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from plugin_setup import LMBDA
+from scipy.stats import chisquare
+from vllm import SamplingParams, TokensPrompt
+
+from memdec_fast import perplexity, reference
+
+KINDS = ["decoder", "mlp"]
+PROMPTS = ["the quick brown fox", "a", "memory decoders give a base model domain", "héllo wörld"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_tokens_match_joint_generator(kind, engines, generators):
+    gen = generators(kind)
+    want = gen.generate(PROMPTS, max_new_tokens=16)
+    outs = engines(kind).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16, logprobs=0,
+                                                          ignore_eos=True, detokenize=False))
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    # JointGenerator stops at EOS; compare each row up to where it ended
+    for row, (mine, theirs) in enumerate(zip(want.token_ids, got)):
+        assert theirs[: len(mine)] == mine, f"prompt {row} ({PROMPTS[row]!r})"
+    # the reported logprobs are log p_mix of the chosen tokens
+    for mine, out in zip(want.logprobs, outs):
+        theirs = [step[tok].logprob for step, tok in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+        diff = max(abs(a - b) for a, b in zip(mine, theirs))
+        print(f"max |logprob diff| {diff:.2e}")
+        assert diff < 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_logprobs_give_memdec_fast_perplexity(kind, engines, pairs, tokenizer):
+    ids = tokenizer("memory decoders give a base model domain knowledge, and the quick brown fox jumps").input_ids
+    out = engines(kind).generate(TokensPrompt(prompt_token_ids=ids),
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))[0]
+    scored = [step[tok].logprob for step, tok in zip(out.prompt_logprobs[1:], ids[1:])]
+    got = math.exp(-sum(scored) / len(scored))
+    want = perplexity(pairs["base"], pairs[kind], ids, lmbda=LMBDA, block_size=len(ids) + 1, stride=len(ids),
+                      device="cpu", progress=False)
+    print(f"vLLM {got:.6f}, memdec_fast {want.joint_ppl[LMBDA]:.6f}, base alone {want.base_ppl:.6f}")
+    assert want.tokens == len(scored)
+    assert got == pytest.approx(want.joint_ppl[LMBDA], rel=1e-5)
+
+
+def exact_distribution(gen, ids: list[int], **filters) -> torch.Tensor:
+    """The next-token distribution sampling must follow after `ids`: the filtered mixture, float64 [V]."""
+    base, mem = gen.score_logits(torch.tensor([ids]), last=1)  # [1, 1, V] each
+    logp = reference.component_logprobs(base[:, -1], mem[:, -1], LMBDA)[0]
+    return torch.softmax(reference.filtered_logits(logp, **filters), -1)[0]
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square p-value of token counts against probabilities; tokens expected fewer than 5 times share a bin."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs, exp = counts[big].tolist(), expected[big].tolist()
+    if expected[~big].sum() > 0:
+        obs.append(counts[~big].sum().item())
+        exp.append(expected[~big].sum().item())
+    return chisquare(obs, exp).pvalue
+
+
+@pytest.mark.parametrize("filters", [{}, {"temperature": 0.7, "top_k": 12, "top_p": 0.9}],
+                         ids=["plain", "temperature,top_k,top_p"])
+def test_seeded_sampling_follows_the_mixture(filters, engines, generators, tokenizer):
+    draws = 3000
+    ids = tokenizer("the quick brown").input_ids
+    llm, gen = engines("decoder"), generators("decoder")
+    params = [SamplingParams(temperature=filters.get("temperature", 1.0), top_k=filters.get("top_k", 0),
+                             top_p=filters.get("top_p", 1.0), max_tokens=1, seed=i, detokenize=False)
+              for i in range(draws)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids)] * draws, params, use_tqdm=False)
+    tokens = torch.tensor([o.outputs[0].token_ids[0] for o in outs])
+    probs = exact_distribution(gen, ids, **filters)
+    counts = torch.bincount(tokens, minlength=len(probs)).double()
+    assert counts[probs == 0].sum() == 0, "a token outside the filtered mixture was drawn"
+    p_mix = chi2_pvalue(counts, probs)
+    print(f"{int((probs > 0).sum())} tokens possible; chi2 p-value against the mixture {p_mix:.3g}")
+    assert p_mix > 1e-3
+    if not filters:  # the test has the power to tell the mixture from the base alone
+        base_logits = gen.score_logits(torch.tensor([ids]), last=1)[0][0, -1]  # [V]
+        p_base = chi2_pvalue(counts, torch.softmax(base_logits.double(), -1))
+        print(f"chi2 p-value against the base alone {p_base:.3g}")
+        assert p_base < 1e-6
+    again = llm.generate([TokensPrompt(prompt_token_ids=ids)] * 3, params[:3], use_tqdm=False)
+    assert [o.outputs[0].token_ids[0] for o in again] == tokens[:3].tolist(), "the same seed drew another token"
