@@ -1,0 +1,72 @@
+"""Each deployment the plugin cannot serve fails when vLLM builds its config, before any worker or weight, with one
+sentence naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+from plugin_setup import engine_args, overrides
+from tiny_models import build_tokenizer, save_gpt2
+from vllm import LLM
+
+
+@pytest.fixture(scope="module")
+def bad_memories(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("bad_memories")
+    other = build_tokenizer()
+    other.add_tokens(["<extra-token>"])
+    return {
+        # no tokenizer files: only its output rows can tell, and they do not cover the base's tokenizer
+        "few_rows": save_gpt2(root / "few_rows", tokenizer, seed=4, save_tokenizer=False,
+                              vocab_size=len(tokenizer) - 10, n_embd=64, n_head=2),
+        "other_tokenizer": save_gpt2(root / "other_tokenizer", other, seed=5, n_embd=64, n_head=2),
+    }
+
+
+def refused(match: str, **args) -> None:
+    with pytest.raises(ValueError, match=match):
+        LLM(**args)
+
+
+def test_missing_memory(pairs, tmp_path):
+    refused(r"memdec_memory: .*no such directory", **engine_args(pairs["base"], tmp_path / "nowhere"))
+
+
+def test_memory_not_named(pairs):
+    refused(r"name the memory in hf_overrides",
+            **engine_args(pairs["base"], pairs["decoder"], hf_overrides={"architectures": ["MemDecForCausalLM"]}))
+
+
+def test_vocabulary_mismatch(pairs, bad_memories):
+    refused(r"vocabulary mismatch: the memory has 290 output rows, but the base's tokenizer has 300 tokens",
+            **engine_args(pairs["base"], bad_memories["few_rows"]))
+
+
+def test_tokenizer_mismatch(pairs, bad_memories):
+    refused(r"tokenizer mismatch", **engine_args(pairs["base"], bad_memories["other_tokenizer"]))
+
+
+def test_tensor_parallel_size_must_divide_the_memory_heads(pairs):
+    # the base has 2 heads, the Memory Decoder 1
+    refused(r"tensor_parallel_size 2 does not divide the memory's 1 attention heads",
+            **engine_args(pairs["base"], pairs["decoder"], tensor_parallel_size=2))
+
+
+def test_pipeline_parallelism_is_refused(pairs):
+    refused(r"pipeline parallelism is not supported",
+            **engine_args(pairs["base"], pairs["decoder"], pipeline_parallel_size=2))
+
+
+def test_speculative_decoding_is_refused(pairs):
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+    refused(r"speculative decoding is not supported",
+            **engine_args(pairs["base"], pairs["decoder"], speculative_config=spec))
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    ({"memdec_memory_type": "mlp"}, r"memdec_memory_type: 'mlp', but .* looks like a Memory Decoder"),
+    ({"memdec_memory_type": "knn"}, r"memdec_memory_type: unknown memory type 'knn'"),
+    ({"memdec_lmbda": 1.5}, r"memdec_lmbda: 1.5 is outside"),
+    ({"memdec_knn_temp": "hot"}, r"memdec_knn_temp: expected a number"),
+])
+def test_bad_settings(pairs, extra, match):
+    refused(match, **engine_args(pairs["base"], pairs["decoder"], hf_overrides=overrides(pairs["decoder"], **extra)))
