@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Run the test suite against memdec_fast installed in this Python environment:
+# Run the test suite against memdec_fast installed in this Python environment, then (on a full run) the vLLM
+# plugin's suite on vLLM's CPU build in an environment of its own (tests/vllm/run.sh):
 #   bash tests/run.sh [pytest args]
+# Pytest args run the main suite only; MEMDEC_FAST_VLLM_TESTS=0 skips the vLLM suite.
 # If the installed memdec_fast was built from this checkout (the README's `pip install .`, compared by source
 # digest, or an editable install of it), that build is reused: nothing is compiled twice. Otherwise the checkout
 # is installed first, which compiles the extension. The test extras come from the package's own metadata.
@@ -45,4 +47,7 @@ PY
 # shellcheck disable=SC2086
 "$PYTHON" -m pip install -q $extras
 # pytest from outside the checkout's import path: the installed package, with its compiled extension, is tested
-exec "$PYTHON" -c 'import sys; sys.path.pop(0); import pytest; sys.exit(pytest.main(sys.argv[1:]))' -q "$@"
+"$PYTHON" -c 'import sys; sys.path.pop(0); import pytest; sys.exit(pytest.main(sys.argv[1:]))' -q "$@"
+if [ $# -eq 0 ] && [ "${MEMDEC_FAST_VLLM_TESTS:-1}" != 0 ]; then
+  bash tests/vllm/run.sh
+fi

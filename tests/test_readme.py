@@ -33,14 +33,17 @@ STAND_INS = {
 RUN_BY_CI = ("pip install", "bash tests/run.sh", "pytest ")
 
 
+def fenced_blocks() -> list[tuple[str, str, int, str | None]]:
+    """(language, code, line number, skip reason or None) of every bash and python block of the README."""
+    text = README.read_text(encoding="utf-8")
+    return [(m.group(2), m.group(3), text[: m.start()].count("\n") + 1, m.group(1))
+            for m in re.finditer(r"(?:<!-- readme-test: skip: ([^>]+)-->\s*\n)?```(bash|python)\n(.*?)```", text,
+                                 re.DOTALL)]
+
+
 def blocks() -> list[tuple[str, str, int]]:
     """(language, code, line number) of every fenced block that is not marked skip."""
-    text = README.read_text(encoding="utf-8")
-    found = []
-    for m in re.finditer(r"(<!-- readme-test: skip: [^>]+-->\s*\n)?```(bash|python)\n(.*?)```", text, re.DOTALL):
-        if m.group(1) is None:
-            found.append((m.group(2), m.group(3), text[: m.start()].count("\n") + 1))
-    return found
+    return [(lang, code, line) for lang, code, line, skip in fenced_blocks() if skip is None]
 
 
 def _stand_in(code: str, python: bool) -> str:

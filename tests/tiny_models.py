@@ -80,3 +80,28 @@ def save_mlp_memory(
     if layer_position is not None:
         (path / "mlp_memory_config.json").write_text(json.dumps({"layer_position": layer_position}))
     return path
+
+
+def save_llama(path: Path, tokenizer, seed: int, kind: str, shard: str | None = None, **config) -> Path:
+    """A random LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM saved with save_pretrained, with the
+    tokenizer; weights drawn wide enough to avoid near-ties."""
+    import transformers
+
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[kind]
+    cfg = {"vocab_size": len(tokenizer) + PAD_ROWS, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+           "initializer_range": 0.2, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.eos_token_id}
+    cfg.update(config)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**cfg)).eval()
+    with torch.no_grad():  # RMSNorm weights start at one: move them, or their loading would go untested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    tokenizer.save_pretrained(path)
+    return path

@@ -73,7 +73,10 @@ def read_settings(hf_config, model: str, tokenizer: str | None = None) -> MemDec
                          f"set it to {by_weights!r} or 'auto'")
     lmbda, knn_temp = checkpoint.mixing_defaults(memory, _number(hf_config, "memdec_lmbda"),
                                                  _number(hf_config, "memdec_knn_temp"))
-    check_params(1, lmbda=lmbda, knn_temp=knn_temp)
+    try:
+        check_params(1, lmbda=lmbda, knn_temp=knn_temp)
+    except ValueError as err:  # name the key the user set
+        raise ValueError(f"memdec_{err}") from err
     tok = checks.load_tokenizer(tokenizer or model)
     checks.check_tokenizers(tok, memory)
     return MemDecSettings(memory, detected if memory_type == "auto" else memory_type, float(lmbda), float(knn_temp),

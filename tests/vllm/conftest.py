@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from plugin_setup import LMBDA, engine_args, save_pairs
+from plugin_setup import LMBDA, SERVED, engine_args, save_pairs
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine; the default takes 4
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,37 +16,39 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def pairs(tmp_path_factory, tokenizer):
-    """Paths of the base ("base") and its memories ("decoder", "mlp"); see plugin_setup.save_pairs."""
+    """Paths of the tiny bases and memories; see plugin_setup.save_pairs."""
     return save_pairs(tmp_path_factory.mktemp("vllm_pairs"), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def engines(pairs):
-    """engines(kind) -> a vllm.LLM serving the base with memory `kind` ("decoder" or "mlp"), built once."""
+    """engines(kind) -> a vllm.LLM serving plugin_setup.SERVED[kind], built once."""
     from vllm import LLM
 
     built = {}
 
     def get(kind: str):
         if kind not in built:
-            built[kind] = LLM(**engine_args(pairs["base"], pairs[kind]))
+            base, memory = SERVED[kind]
+            built[kind] = LLM(**engine_args(pairs[base], pairs[memory]))
         return built[kind]
 
     yield get
     for llm in built.values():
-        llm.llm_engine.engine_core.shutdown()
+        llm.llm_engine.engine_core.shutdown()  # each engine holds a process and its KV cache
 
 
 @pytest.fixture(scope="session")
 def generators(pairs):
-    """generators(kind) -> memdec_fast.JointGenerator of the same pair on the CPU, float32, lambda LMBDA."""
+    """generators(kind) -> memdec_fast.JointGenerator of SERVED[kind] on the CPU, float32, lambda LMBDA."""
     from memdec_fast import JointGenerator
 
     built = {}
 
     def get(kind: str):
         if kind not in built:
-            built[kind] = JointGenerator.from_pretrained(pairs["base"], pairs[kind], lmbda=LMBDA, device="cpu")
+            base, memory = SERVED[kind]
+            built[kind] = JointGenerator.from_pretrained(pairs[base], pairs[memory], lmbda=LMBDA, device="cpu")
         return built[kind]
 
     return get

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from plugin_setup import LMBDA
+from plugin_setup import LMBDA, SERVED
 from scipy.stats import chisquare
 from vllm import SamplingParams, TokensPrompt
 
@@ -16,7 +16,7 @@ KINDS = ["decoder", "mlp"]
 PROMPTS = ["the quick brown fox", "a", "memory decoders give a base model domain", "héllo wörld"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(SERVED))
 def test_greedy_tokens_match_joint_generator(kind, engines, generators):
     gen = generators(kind)
     want = gen.generate(PROMPTS, max_new_tokens=16)
@@ -41,7 +41,7 @@ def test_prompt_logprobs_give_memdec_fast_perplexity(kind, engines, pairs, token
                                  SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))[0]
     scored = [step[tok].logprob for step, tok in zip(out.prompt_logprobs[1:], ids[1:])]
     got = math.exp(-sum(scored) / len(scored))
-    want = perplexity(pairs["base"], pairs[kind], ids, lmbda=LMBDA, block_size=len(ids) + 1, stride=len(ids),
+    want = perplexity(*(pairs[name] for name in SERVED[kind]), ids, lmbda=LMBDA, block_size=len(ids) + 1, stride=len(ids),
                       device="cpu", progress=False)
     print(f"vLLM {got:.6f}, memdec_fast {want.joint_ppl[LMBDA]:.6f}, base alone {want.base_ppl:.6f}")
     assert want.tokens == len(scored)
