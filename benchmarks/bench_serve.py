@@ -76,17 +76,18 @@ def load_average() -> list[float] | None:
         return None
 
 
-def build_pair(root: Path, dims: dict) -> tuple[Path, Path, object]:
-    """Random GPT-2 base and Memory Decoder of the same shape, saved; and their word-level tokenizer."""
+def build_pair(root: Path, dims: dict, memory_dims: dict | None = None) -> tuple[Path, Path, object]:
+    """Random GPT-2 base and Memory Decoder (of the base's shape unless memory_dims), saved; and their word-level
+    tokenizer, saved with the base."""
     from tokenizers import Tokenizer, models
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(
         models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0")))
     paths = []
-    for name, seed in (("base", 0), ("memory", 1)):
+    for name, seed, shape in (("base", 0, dims), ("memory", 1, memory_dims or dims)):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, **dims)).eval()
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, **shape)).eval()
         model.save_pretrained(root / name)
         paths.append(root / name)
         del model

@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh [--tiny] [--out DIR]
 # On a machine that already has torch and no network (the device image): builds the extension in place for the GPU
 # present, runs every CUDA test, compute-sanitizer (memcheck, racecheck, synccheck) over the CUDA op tests, then
-# bench_ops, bench_e2e, bench_serve and bench_llama, writes every result as JSON into DIR (default
+# bench_ops, bench_e2e, bench_serve and bench_llama (and, where vLLM is installed, tests/vllm and bench_vllm),
+# writes every result as JSON into DIR (default
 # benchmarks/results/gpu_check), and prints a table of each target, passed or missed (benchmarks/gpu_summary.py).
 # --tiny: small sizes and smoke runs, so that the whole script also runs on a CPU (no sanitizer, CUDA tests skip).
 # Set MEMDEC_FAST_COMMIT when the checkout has no .git (the device copies the working tree without it).
@@ -62,5 +63,16 @@ else
   step bench_llama "$PY" benchmarks/bench_llama.py --device cuda --pair 1.5b+0.5b --batches 1 8 32 --new-tokens 64 \
     --out "$OUT/llama.json"
 fi
-# 5. the summary: gpu_check.json beside the other results, and a table on stdout
+# 5. the vLLM plugin, where vLLM is installed (the device image has none, and no network to fetch it)
+if "$PY" -c "import vllm" 2> /dev/null; then
+  step tests_vllm "$PY" -m pytest -q -p no:cacheprovider tests/vllm --junitxml "$OUT/tests_vllm.xml"
+  if [ "$TINY" = 1 ]; then
+    step bench_vllm "$PY" benchmarks/bench_vllm.py --pair tiny --requests 16 --concurrency 1 4 --out "$OUT/vllm.json"
+  else
+    step bench_vllm "$PY" benchmarks/bench_vllm.py --pair xl --out "$OUT/vllm.json"
+  fi
+else
+  echo "== vllm: not installed in this environment; tests/vllm and bench_vllm did not run" | tee "$OUT/vllm.log"
+fi
+# 6. the summary: gpu_check.json beside the other results, and a table on stdout
 "$PY" benchmarks/gpu_summary.py "$OUT"

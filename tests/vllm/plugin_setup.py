@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tiny_models import PAD_ROWS, save_gpt2, save_llama, save_mlp_memory
 
 LMBDA = 0.4
@@ -45,4 +46,6 @@ def engine_args(base, memory, **extra) -> dict:
     """vllm.LLM arguments for a float32, eager CPU engine of the base and `memory` at lambda LMBDA."""
     args = {"model": str(base), "dtype": "float32", "enforce_eager": True, "max_model_len": MAX_LEN, "seed": 0,
             "hf_overrides": overrides(memory, memdec_lmbda=LMBDA)}
+    if torch.cuda.is_available():  # on vLLM's CUDA build: room for the session's several engines on one GPU
+        args["gpu_memory_utilization"] = 0.1
     return args | extra

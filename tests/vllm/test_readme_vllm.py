@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import torch
 from test_readme import fenced_blocks
 
 THIS = "tests/vllm/test_readme_vllm.py"
@@ -22,6 +23,8 @@ def test_readme_vllm_snippet_gives_joint_generator_tokens(pairs, tmp_path):
     for name, path in (("Clover-Hill/MemoryDecoder-gpt2-small", pairs["decoder"]), ("gpt2", pairs["base"])):
         assert f'"{name}"' in code
         code = code.replace(f'"{name}"', f'"{path}"')
+    if torch.cuda.is_available():  # the session's other engines hold part of the GPU
+        code = code.replace("LLM(model=", "LLM(gpu_memory_utilization=0.1, model=")
     script = tmp_path / "readme_vllm.py"  # a file, as a user runs it: vLLM's engine process imports it again
     script.write_text(code)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path,

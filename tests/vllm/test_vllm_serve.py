@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from plugin_setup import LMBDA, MAX_LEN, overrides
 
 PROMPT = "the quick brown fox"
@@ -33,6 +34,8 @@ def server(pairs, tmp_path_factory):
            "--hf-overrides", json.dumps(overrides(pairs["decoder"], memdec_lmbda=LMBDA)),
            "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_LEN),
            "--host", "127.0.0.1", "--port", str(port)]
+    if torch.cuda.is_available():  # the session's other engines hold part of the GPU
+        cmd += ["--gpu-memory-utilization", "0.1"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
     url = f"http://127.0.0.1:{port}"
