@@ -108,9 +108,11 @@ def base_architecture(hf_config, model: str) -> str:
 
 
 def memory_config(settings: MemDecSettings):
-    """The memory's transformers config (a GPT2Config for an MLP Memory, as upstream stores it)."""
-    from transformers import AutoConfig
+    """The memory's transformers config; an MLP Memory's config.json is read as the GPT2Config upstream stores."""
+    from transformers import AutoConfig, GPT2Config
 
+    if settings.memory_type == "mlp":
+        return GPT2Config.from_dict(checkpoint.load_config(settings.memory))
     return AutoConfig.from_pretrained(settings.memory)
 
 

@@ -6,6 +6,7 @@ with the byte-level tokenizer of tests/tiny_models.py.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -19,11 +20,10 @@ SERVED = {"decoder": ("base", "decoder"), "mlp": ("base", "mlp"),
 
 
 def save_pairs(root: Path, tokenizer) -> dict[str, Path]:
-    """Bases and their memories (see SERVED): Memory Decoders of other shapes, and MLP Memories reading an inner block.
-    """
+    """Bases and their memories (see SERVED): Memory Decoders of other shapes, MLP Memories reading block 0 of 2."""
     vocab = len(tokenizer) + PAD_ROWS
     llama = {"max_position_embeddings": MAX_LEN, "hidden_size": 64, "intermediate_size": 96}
-    return {
+    paths = {
         "base": save_gpt2(root / "base", tokenizer, seed=0, n_embd=64, n_head=2, n_positions=MAX_LEN),
         "decoder": save_gpt2(root / "decoder", tokenizer, seed=1, n_embd=64, n_head=1, n_layer=3,
                              n_positions=MAX_LEN, activation_function="relu"),
@@ -33,8 +33,12 @@ def save_pairs(root: Path, tokenizer) -> dict[str, Path]:
                             attention_bias=True, mlp_bias=True, tie_word_embeddings=False, **llama),
         "llama_decoder": save_llama(root / "llama_decoder", tokenizer, 4, "llama", num_hidden_layers=3,
                                     num_attention_heads=1, num_key_value_heads=1, **llama),
-        "llama_mlp": save_mlp_memory(root / "llama_mlp", vocab, seed=5, n_embd=64, input_dim=None, layer_position=1),
+        # upstream's layout: the weights in knn_generator/, layer_position (0, not the default -1) in the folder above
+        "llama_mlp": save_mlp_memory(root / "llama_mlp" / "knn_generator", vocab, seed=5, n_embd=64, input_dim=None,
+                                     layer_position=None),
     }
+    (root / "llama_mlp" / "mlp_memory_config.json").write_text(json.dumps({"layer_position": 0}))
+    return paths
 
 
 def overrides(memory, **extra) -> dict:
