@@ -32,8 +32,12 @@ def register() -> None:
         from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
     except ImportError:  # an older or newer vLLM without the hook: the workers still run the same checks
         return
+    hook = type("MemDecDeploymentCheck", (VerifyAndUpdateConfig,), {"verify_and_update_config": staticmethod(_verify)})
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, hook)
+
+
+def _verify(vllm_config) -> None:
+    # imported here: vLLM loads every plugin in every process, and most deployments never build this model
     from memdec_fast.vllm.settings import verify_deployment
 
-    hook = type("MemDecDeploymentCheck", (VerifyAndUpdateConfig,),
-                {"verify_and_update_config": staticmethod(verify_deployment)})
-    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, hook)
+    verify_deployment(vllm_config)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import memdec_fast
+from memdec_fast import ops
 from memdec_fast.vllm.model import mixed_scores
 
 
@@ -25,3 +27,12 @@ def test_mixed_scores_align_vocabularies_and_keep_the_mixture():
     # the shift is logsumexp(base): with lambda 0 the scores are the base's own logits
     base_only = mixed_scores(base.float(), mem.float(), vocab, 0.0, knn_temp)[:, :vocab]
     torch.testing.assert_close(base_only.double(), base[:, :vocab], atol=1e-4, rtol=0)
+
+
+def test_the_plugin_mixes_with_the_compiled_op():
+    """This environment's memdec_fast is a build for its own torch, so the plugin runs the fused kernel, not the
+    reference that ops falls back to."""
+    info = memdec_fast.build_info()
+    print(info)
+    assert ops.compiled_available(), info
+    assert info["torch_built"] == torch.__version__
