@@ -110,8 +110,9 @@ def pct(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)) * 1e3, 2) if xs else None
 
 
-async def run_level(engine: Engine, reqs: list[dict], concurrency: int) -> dict:
-    """The requests through engine.stream with `concurrency` closed-loop workers."""
+async def closed_loop(deltas, reqs: list[dict], concurrency: int) -> dict:
+    """The requests with `concurrency` closed-loop workers; deltas(request) is an async iterator of the number of
+    tokens each streamed delta brings (greedy, up to the request's max_new_tokens). Throughput and percentiles."""
     todo = list(reversed(reqs))
     ttft, itl, e2e, tokens = [], [], [], 0
 
@@ -121,15 +122,15 @@ async def run_level(engine: Engine, reqs: list[dict], concurrency: int) -> dict:
             r = todo.pop()
             t0 = time.perf_counter()
             last = None
-            async for d in engine.stream(r["prompt"], max_new_tokens=r["max_new_tokens"], temperature=0.0):
-                if not d.token_ids:
+            async for n in deltas(r):
+                if not n:
                     continue
                 now = time.perf_counter()
                 if last is None:
                     ttft.append(now - t0)
                 else:
-                    itl.extend([(now - last) / len(d.token_ids)] * len(d.token_ids))
-                last, tokens = now, tokens + len(d.token_ids)
+                    itl.extend([(now - last) / n] * n)
+                last, tokens = now, tokens + n
             e2e.append(time.perf_counter() - t0)
 
     start = time.perf_counter()
@@ -143,6 +144,26 @@ async def run_level(engine: Engine, reqs: list[dict], concurrency: int) -> dict:
         "e2e_ms": {"p50": pct(e2e, 50), "p99": pct(e2e, 99)},
         "load_after": load_average(),
     }
+
+
+async def run_level(engine: Engine, reqs: list[dict], concurrency: int) -> dict:
+    """The requests through engine.stream with `concurrency` closed-loop workers."""
+
+    async def deltas(r: dict):
+        async for d in engine.stream(r["prompt"], max_new_tokens=r["max_new_tokens"], temperature=0.0):
+            yield len(d.token_ids)
+
+    return await closed_loop(deltas, reqs, concurrency)
+
+
+def engine_levels(engine: Engine, reqs: list[dict], counts: dict[int, int], label: str) -> list[dict]:
+    """run_level at each concurrency c of `counts`, over its first counts[c] requests, logged as it goes."""
+    levels = []
+    for c, n in counts.items():
+        print(f"{label}: {n} requests at concurrency {c}", file=sys.stderr)
+        levels.append(asyncio.run(run_level(engine, reqs[:n], c)))
+        print(json.dumps(levels[-1]), file=sys.stderr)
+    return levels
 
 
 def run_baseline(gen: JointGenerator, reqs: list[dict]) -> dict:
@@ -226,13 +247,9 @@ def run_dtype(base: Path, memory: Path, tok, device: str, dtype: str, reqs: list
     del gen
     extra = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
     engine = Engine.from_pretrained(base, memory, max_batch=max(counts), max_queue=len(reqs), **kw, **extra)
-    levels = []
     try:
         engine.submit(reqs[0]["prompt"][:8], max_new_tokens=2).result()  # warm-up
-        for c, n in counts.items():
-            print(f"{dtype} engine: {n} requests at concurrency {c}", file=sys.stderr)
-            levels.append(asyncio.run(run_level(engine, reqs[:n], c)))
-            print(json.dumps(levels[-1]), file=sys.stderr)
+        levels = engine_levels(engine, reqs, counts, f"{dtype} engine")
     finally:
         engine.close(timeout=0)
     return {"dtype": dtype, "engine": {"max_batch": engine.max_batch, "max_queue": engine.max_queue,

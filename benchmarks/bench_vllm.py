@@ -26,7 +26,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -39,11 +38,11 @@ from bench_serve import (
     LMBDA,
     VOCAB,
     build_pair,
+    closed_loop,
     dirty_files,
+    engine_levels,
     load_average,
-    pct,
     request_mix,
-    run_level,
 )
 from provenance import git_commit, uptime
 
@@ -62,40 +61,13 @@ async def run_vllm_level(llm, reqs: list[dict], concurrency: int) -> dict:
     from vllm import SamplingParams, TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
-    todo = list(reversed(reqs))
-    ttft, itl, e2e, tokens = [], [], [], 0
+    async def deltas(r: dict):
+        params = SamplingParams(temperature=0.0, max_tokens=r["max_new_tokens"], ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA, detokenize=False)
+        async for out in llm.generate(TokensPrompt(prompt_token_ids=r["prompt"]), params, str(uuid.uuid4())):
+            yield len(out.outputs[0].token_ids)
 
-    async def worker() -> None:
-        nonlocal tokens
-        while todo:
-            r = todo.pop()
-            params = SamplingParams(temperature=0.0, max_tokens=r["max_new_tokens"], ignore_eos=True,
-                                    output_kind=RequestOutputKind.DELTA, detokenize=False)
-            t0 = time.perf_counter()
-            last = None
-            async for out in llm.generate(TokensPrompt(prompt_token_ids=r["prompt"]), params, str(uuid.uuid4())):
-                n = len(out.outputs[0].token_ids)
-                if not n:
-                    continue
-                now = time.perf_counter()
-                if last is None:
-                    ttft.append(now - t0)
-                else:
-                    itl.extend([(now - last) / n] * n)
-                last, tokens = now, tokens + n
-            e2e.append(time.perf_counter() - t0)
-
-    start = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
-    seconds = time.perf_counter() - start
-    return {
-        "concurrency": concurrency, "requests": len(reqs), "output_tokens": tokens, "seconds": round(seconds, 3),
-        "output_tokens_per_s": round(tokens / seconds, 2),
-        "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
-        "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
-        "e2e_ms": {"p50": pct(e2e, 50), "p99": pct(e2e, 99)},
-        "load_after": load_average(),
-    }
+    return await closed_loop(deltas, reqs, concurrency)
 
 
 def bench_engine(base: Path, memory: Path, tok, device: str, dtype: str, reqs: list[dict],
@@ -106,11 +78,7 @@ def bench_engine(base: Path, memory: Path, tok, device: str, dtype: str, reqs: l
                                     max_queue=len(reqs))
     try:
         first = engine.submit(reqs[0]["prompt"], max_new_tokens=reqs[0]["max_new_tokens"]).result().token_ids
-        levels = []
-        for c, n in counts.items():
-            print(f"engine: {n} requests at concurrency {c}", file=sys.stderr)
-            levels.append(asyncio.run(run_level(engine, reqs[:n], c)))
-            print(json.dumps(levels[-1]), file=sys.stderr)
+        levels = engine_levels(engine, reqs, counts, "engine")
     finally:
         engine.close(timeout=0)
     return {"max_batch": engine.max_batch, "prefill_chunk": engine.prefill_chunk, "levels": levels}, first

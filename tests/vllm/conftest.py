@@ -20,19 +20,24 @@ def pairs(tmp_path_factory, tokenizer):
     return save_pairs(tmp_path_factory.mktemp("vllm_pairs"), tokenizer)
 
 
-@pytest.fixture(scope="session")
-def engines(pairs):
-    """engines(kind) -> a vllm.LLM serving plugin_setup.SERVED[kind], built once."""
-    from vllm import LLM
-
+def built_once(pairs: dict, make):
+    """get(kind) -> make(base path, memory path) for plugin_setup.SERVED[kind], made on first use; and what was made."""
     built = {}
 
     def get(kind: str):
         if kind not in built:
-            base, memory = SERVED[kind]
-            built[kind] = LLM(**engine_args(pairs[base], pairs[memory]))
+            built[kind] = make(*(pairs[name] for name in SERVED[kind]))
         return built[kind]
 
+    return get, built
+
+
+@pytest.fixture(scope="session")
+def engines(pairs):
+    """engines(kind) -> a vllm.LLM serving plugin_setup.SERVED[kind] (float32, eager, lambda LMBDA)."""
+    from vllm import LLM
+
+    get, built = built_once(pairs, lambda base, memory: LLM(**engine_args(base, memory)))
     yield get
     for llm in built.values():
         llm.llm_engine.engine_core.shutdown()  # each engine holds a process and its KV cache
@@ -43,12 +48,5 @@ def generators(pairs):
     """generators(kind) -> memdec_fast.JointGenerator of SERVED[kind] on the CPU, float32, lambda LMBDA."""
     from memdec_fast import JointGenerator
 
-    built = {}
-
-    def get(kind: str):
-        if kind not in built:
-            base, memory = SERVED[kind]
-            built[kind] = JointGenerator.from_pretrained(pairs[base], pairs[memory], lmbda=LMBDA, device="cpu")
-        return built[kind]
-
-    return get
+    return built_once(pairs, lambda base, memory: JointGenerator.from_pretrained(base, memory, lmbda=LMBDA,
+                                                                                  device="cpu"))[0]
