@@ -66,14 +66,18 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return chisquare(obs, exp).pvalue
 
 
-@pytest.mark.parametrize("filters", [{}, {"temperature": 0.7, "top_k": 12, "top_p": 0.9}],
-                         ids=["plain", "temperature,top_k,top_p"])
+# vLLM applies min-p before top-k and top-p, Hugging Face after: the same kept set without top-p, so min-p is
+# tested beside top-k only
+@pytest.mark.parametrize("filters", [{}, {"temperature": 0.7, "top_k": 12, "top_p": 0.9},
+                                     {"temperature": 0.8, "top_k": 40, "min_p": 0.2}],
+                         ids=["plain", "temperature,top_k,top_p", "temperature,top_k,min_p"])
 def test_seeded_sampling_follows_the_mixture(filters, engines, generators, tokenizer):
     draws = 3000
     ids = tokenizer("the quick brown").input_ids
     llm, gen = engines("decoder"), generators("decoder")
     params = [SamplingParams(temperature=filters.get("temperature", 1.0), top_k=filters.get("top_k", 0),
-                             top_p=filters.get("top_p", 1.0), max_tokens=1, seed=i, detokenize=False)
+                             top_p=filters.get("top_p", 1.0), min_p=filters.get("min_p", 0.0), max_tokens=1, seed=i,
+                             detokenize=False)
               for i in range(draws)]
     outs = llm.generate([TokensPrompt(prompt_token_ids=ids)] * draws, params, use_tqdm=False)
     tokens = torch.tensor([o.outputs[0].token_ids[0] for o in outs])
