@@ -14,6 +14,7 @@ and again in each worker before the model is built.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -159,5 +160,11 @@ def settings_of(vllm_config) -> MemDecSettings:
 
 
 def verify_deployment(vllm_config) -> None:
-    """vLLM's config hook for MemDecForCausalLM: fail in the front-end process, before workers start."""
-    settings_of(vllm_config)
+    """vLLM's config hook for MemDecForCausalLM: fail in the front-end process, before workers start; else log what
+    will be served."""
+    s = settings_of(vllm_config)
+    kind = "an MLP Memory" if s.memory_type == "mlp" else "a Memory Decoder"
+    # under vLLM's logger, so that the line shows where vLLM's own do
+    logging.getLogger("vllm.memdec_fast").info(
+        "%s: %s (%s) with %s, %s; lmbda %g, knn_temp %g, mixing %d tokens", ARCHITECTURE, vllm_config.model_config.model,
+        s.base_architecture, kind, s.memory, s.lmbda, s.knn_temp, s.vocab)
