@@ -28,6 +28,8 @@ def save_pairs(root: Path, tokenizer) -> dict[str, Path]:
         "decoder": save_gpt2(root / "decoder", tokenizer, seed=1, n_embd=64, n_head=1, n_layer=3,
                              n_positions=MAX_LEN, activation_function="relu"),
         "mlp": save_mlp_memory(root / "mlp", vocab, seed=2, n_embd=48, input_dim=64, layer_position=0),
+        # 2 heads, as tensor parallelism over 2 ranks needs
+        "decoder2": save_gpt2(root / "decoder2", tokenizer, seed=6, n_embd=64, n_head=2, n_positions=MAX_LEN),
         # biases everywhere, untied embeddings, 2 heads of 32 over 1 KV head
         "llama": save_llama(root / "llama", tokenizer, 3, "llama", num_attention_heads=2, num_key_value_heads=1,
                             attention_bias=True, mlp_bias=True, tie_word_embeddings=False, **llama),
