@@ -69,10 +69,7 @@ class MemDecForCausalLM(nn.Module):
         hidden = self.base(input_ids, positions, intermediate_tensors, inputs_embeds)  # [T, H]
         if self.is_mlp:
             side = self.mlp_input[: hidden.shape[0]]  # [T, H], written by the tap during the base's pass
-        else:
-            if input_ids is None:
-                raise ValueError("MemDecForCausalLM: prompt embeddings are not supported with a Memory Decoder, "
-                                 "which reads token ids")
+        else:  # token ids always: prompt embeddings are refused with a Memory Decoder (settings.check_supported)
             side = self.memory(input_ids, positions)  # [T, H_mem]
         return torch.cat([hidden, side.to(hidden.dtype)], dim=-1)
 

@@ -126,15 +126,19 @@ def check_vocab(settings: MemDecSettings, base_config, mem_config) -> None:
                              f"{settings.vocab} tokens; a memory must be trained on the base's tokenizer")
 
 
-def check_parallelism(vllm_config, settings: MemDecSettings, mem_config) -> None:
-    """Refuse what the plugin does not support: pipeline parallelism, speculative decoding, and a tensor-parallel
-    size that does not divide the attention heads of the base or of a Memory Decoder (or an MLP Memory's width)."""
+def check_supported(vllm_config, settings: MemDecSettings, mem_config) -> None:
+    """Refuse what the plugin does not support: pipeline parallelism, speculative decoding, prompt embeddings with a
+    Memory Decoder, and a tensor-parallel size that does not divide the attention heads of the base or of a Memory
+    Decoder (or an MLP Memory's width)."""
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
         raise ValueError(f"{ARCHITECTURE}: pipeline parallelism is not supported (pipeline_parallel_size="
                          f"{parallel.pipeline_parallel_size}); use tensor or data parallelism")
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise ValueError(f"{ARCHITECTURE}: speculative decoding is not supported; remove the speculative config")
+    if settings.memory_type == "decoder" and getattr(vllm_config.model_config, "enable_prompt_embeds", False):
+        raise ValueError(f"{ARCHITECTURE}: prompt embeddings are not supported with a Memory Decoder, which reads "
+                         "token ids; turn enable_prompt_embeds off")
     tp = parallel.tensor_parallel_size
     sizes = [("base", vllm_config.model_config.model, "attention heads",
               vllm_config.model_config.hf_config.get_text_config().num_attention_heads)]
@@ -155,7 +159,7 @@ def settings_of(vllm_config) -> MemDecSettings:
     settings = read_settings(model_config.hf_config, model_config.model, model_config.tokenizer)
     mem_config = memory_config(settings)
     check_vocab(settings, model_config.hf_config, mem_config)
-    check_parallelism(vllm_config, settings, mem_config)
+    check_supported(vllm_config, settings, mem_config)
     return settings
 
 

@@ -62,6 +62,11 @@ def test_speculative_decoding_is_refused(pairs):
             **engine_args(pairs["base"], pairs["decoder"], speculative_config=spec))
 
 
+def test_prompt_embeddings_are_refused_with_a_memory_decoder(pairs):
+    refused(r"prompt embeddings are not supported with a Memory Decoder",
+            **engine_args(pairs["base"], pairs["decoder"], enable_prompt_embeds=True))
+
+
 @pytest.mark.parametrize(("extra", "match"), [
     ({"memdec_memory_type": "mlp"}, r"memdec_memory_type: 'mlp', but .* looks like a Memory Decoder"),
     ({"memdec_memory_type": "knn"}, r"memdec_memory_type: unknown memory type 'knn'"),
