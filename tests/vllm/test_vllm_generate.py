@@ -94,3 +94,28 @@ def test_seeded_sampling_follows_the_mixture(filters, engines, generators, token
         assert p_base < 1e-6
     again = llm.generate([TokensPrompt(prompt_token_ids=ids)] * 3, params[:3], use_tqdm=False)
     assert [o.outputs[0].token_ids[0] for o in again] == tokens[:3].tolist(), "the same seed drew another token"
+
+
+def test_repetition_penalty_acts_on_the_shifted_scores(engines, generators, tokenizer):
+    """vLLM's penalty (HF's: positive scores divided, negative ones multiplied) on log p_mix + logsumexp(base), the
+    scores the plugin returns; greedy, stepped here by hand from JointGenerator's logits."""
+    ids, penalty, steps = tokenizer("the quick brown fox").input_ids, 1.5, 10
+    llm, gen = engines("decoder"), generators("decoder")
+
+    def greedy(repetition_penalty: float) -> list[int]:
+        params = SamplingParams(temperature=0, max_tokens=steps, repetition_penalty=repetition_penalty,
+                                ignore_eos=True, detokenize=False)
+        return list(llm.generate(TokensPrompt(prompt_token_ids=ids), params, use_tqdm=False)[0].outputs[0].token_ids)
+
+    seq = list(ids)
+    for _ in range(steps):
+        base, mem = (x[0, -1].double() for x in gen.score_logits(torch.tensor([seq]), last=1))  # [V] each
+        scores = reference.component_logprobs(base[None], mem[None], LMBDA)[0][0] + torch.logsumexp(base, -1)
+        seen = torch.zeros_like(scores, dtype=torch.bool)
+        seen[seq] = True
+        scores = torch.where(seen, torch.where(scores > 0, scores / penalty, scores * penalty), scores)
+        seq.append(int(scores.argmax()))
+    got = greedy(penalty)
+    print(f"with the penalty {got}; without {greedy(1.0)}")
+    assert got == seq[len(ids):]
+    assert got != greedy(1.0), "the penalty changed nothing: the test would not see it act"
