@@ -31,6 +31,18 @@ def test_missing_memory(pairs, tmp_path):
     refused(r"memdec_memory: .*no such directory", **engine_args(pairs["base"], tmp_path / "nowhere"))
 
 
+def test_memory_on_an_unreachable_hub(pairs, monkeypatch):
+    from memdec_fast.models import checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint._hub_reachable.cache_clear()  # its answer is cached: ask again under HF_HUB_OFFLINE, and after
+    try:
+        refused(r"memdec_memory: someone/no-such-memory: not a local directory, not in the Hugging Face cache, and "
+                r"the hub cannot be reached", **engine_args(pairs["base"], "someone/no-such-memory"))
+    finally:
+        checkpoint._hub_reachable.cache_clear()
+
+
 def test_memory_not_named(pairs):
     refused(r"name the memory in hf_overrides",
             **engine_args(pairs["base"], pairs["decoder"], hf_overrides={"architectures": ["MemDecForCausalLM"]}))
