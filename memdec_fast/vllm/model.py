@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+from vllm.compilation.backends import set_model_tag
 from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 
 from memdec_fast import ops
@@ -55,8 +56,9 @@ class MemDecForCausalLM(nn.Module):
             self.register_buffer("mlp_input", torch.empty(rows, self.base_width), persistent=False)  # [tokens, H]
             tap_mlp_input(self.base, layer % layers, self.mlp_input)
         else:
-            self.memory = init_vllm_registered_model(vllm_config, prefix=maybe_prefix(prefix, "memory"),
-                                                     hf_config=mem_config)
+            with set_model_tag("memdec_memory"):  # its compiled pieces cached apart from the base's
+                self.memory = init_vllm_registered_model(vllm_config, prefix=maybe_prefix(prefix, "memory"),
+                                                         hf_config=mem_config)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base.embed_input_ids(input_ids)
@@ -73,16 +75,14 @@ class MemDecForCausalLM(nn.Module):
             side = self.memory(input_ids, positions)  # [T, H_mem]
         return torch.cat([hidden, side.to(hidden.dtype)], dim=-1)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, base hidden + side] -> [N, V] float32: log p_mix shifted by logsumexp of the base's logits.
 
-        None on the tensor-parallel ranks that vLLM gives no logits.
+        Under tensor parallelism vLLM all-gathers both models' logits, so every rank mixes whole rows.
         """
         base_h, side = hidden_states.split([self.base_width, hidden_states.shape[-1] - self.base_width], dim=-1)
         base_logits = self.base.compute_logits(base_h)  # [N, V]
         mem_logits = self.memory(side) if self.is_mlp else self.memory.compute_logits(side)  # [N, V_mem]
-        if base_logits is None or mem_logits is None:
-            return None
         return mixed_scores(base_logits, mem_logits, self.settings.vocab, self.settings.lmbda, self.settings.knn_temp)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -127,30 +127,60 @@ def check_vocab(settings: MemDecSettings, base_config, mem_config) -> None:
 
 
 def check_supported(vllm_config, settings: MemDecSettings, mem_config) -> None:
-    """Refuse what the plugin does not support: pipeline parallelism, speculative decoding, prompt embeddings with a
-    Memory Decoder, and a tensor-parallel size that does not divide the attention heads of the base or of a Memory
-    Decoder (or an MLP Memory's width)."""
-    parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size > 1:
-        raise ValueError(f"{ARCHITECTURE}: pipeline parallelism is not supported (pipeline_parallel_size="
-                         f"{parallel.pipeline_parallel_size}); use tensor or data parallelism")
-    if getattr(vllm_config, "speculative_config", None) is not None:
-        raise ValueError(f"{ARCHITECTURE}: speculative decoding is not supported; remove the speculative config")
-    if settings.memory_type == "decoder" and getattr(vllm_config.model_config, "enable_prompt_embeds", False):
-        raise ValueError(f"{ARCHITECTURE}: prompt embeddings are not supported with a Memory Decoder, which reads "
-                         "token ids; turn enable_prompt_embeds off")
-    tp = parallel.tensor_parallel_size
-    sizes = [("base", vllm_config.model_config.model, "attention heads",
-              vllm_config.model_config.hf_config.get_text_config().num_attention_heads)]
+    """Refuse what the plugin does not support: pipeline parallelism, speculative decoding, a quantized base (the
+    memory's layers would be built quantized), prompt embeddings with a Memory Decoder, micro-batch overlap with an
+    MLP Memory (both micro-batches would share its tap), and a Memory Decoder with a shorter context than
+    max_model_len."""
+    parallel, model_config = vllm_config.parallel_config, vllm_config.model_config
+    decoder = settings.memory_type == "decoder"
+    refusals = [
+        (parallel.pipeline_parallel_size > 1,
+         (f"pipeline parallelism is not supported (pipeline_parallel_size={parallel.pipeline_parallel_size}); "
+         "use tensor or data parallelism")),
+        (getattr(vllm_config, "speculative_config", None) is not None,
+         "speculative decoding is not supported; remove the speculative config"),
+        (model_config.quantization is not None,  # set from the checkpoint or the arguments; quant_config comes later
+         (f"a quantized base ({model_config.quantization}) is not supported: the memory's layers would be built "
+         "quantized too; serve an unquantized base")),
+        (decoder and getattr(model_config, "enable_prompt_embeds", False),
+         ("prompt embeddings are not supported with a Memory Decoder, which reads token ids; turn "
+         "enable_prompt_embeds off")),
+        (not decoder and getattr(parallel, "use_ubatching", False),
+         "dual batch overlap (micro-batching) is not supported with an MLP Memory; turn enable_dbo off"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(f"{ARCHITECTURE}: {why}")
+    if decoder:
+        positions = getattr(mem_config, "max_position_embeddings", None) or getattr(mem_config, "n_positions", None)
+        if positions is not None and positions < model_config.max_model_len:
+            raise ValueError(f"the Memory Decoder ({settings.memory}) has {positions} positions, fewer than "
+                             f"max_model_len {model_config.max_model_len}: pass --max-model-len {positions} "
+                             f"(LLM(max_model_len={positions})) or less")
+    check_tensor_parallel(vllm_config, settings, mem_config)
+
+
+def check_tensor_parallel(vllm_config, settings: MemDecSettings, mem_config) -> None:
+    """The tensor-parallel size must divide the attention heads of the base and of a Memory Decoder (their KV heads
+    too, or be a multiple of them: vLLM then replicates KV heads), or an MLP Memory's width."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    models = [("base", vllm_config.model_config.model, vllm_config.model_config.hf_config.get_text_config())]
     if settings.memory_type == "decoder":
-        sizes.append(("memory", settings.memory, "attention heads", mem_config.num_attention_heads))
+        models.append(("memory", settings.memory, mem_config))
     else:
-        sizes.append(("MLP Memory", settings.memory, "hidden units per block",
-                      mem_config.n_inner or 4 * mem_config.n_embd))
-    for who, where, what, n in sizes:
-        if n % tp:
-            raise ValueError(f"tensor_parallel_size {tp} does not divide the {who}'s {n} {what} ({where}); "
-                             "pick a size that does")
+        width = mem_config.n_inner or 4 * mem_config.n_embd
+        if width % tp:
+            raise ValueError(f"tensor_parallel_size {tp} does not divide the MLP Memory's {width} hidden units per "
+                             f"block ({settings.memory}); pick a size that does")
+    for who, where, config in models:
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        if heads % tp:
+            raise ValueError(f"tensor_parallel_size {tp} does not divide the {who}'s {heads} attention heads "
+                             f"({where}); pick a size that does")
+        if (kv % tp) if kv >= tp else (tp % kv):
+            raise ValueError(f"tensor_parallel_size {tp} neither divides nor is a multiple of the {who}'s {kv} "
+                             f"key-value heads ({where}); pick a size that is")
 
 
 def settings_of(vllm_config) -> MemDecSettings:

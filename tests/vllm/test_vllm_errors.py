@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 from plugin_setup import engine_args, overrides
-from tiny_models import build_tokenizer, save_gpt2
+from tiny_models import build_tokenizer, save_gpt2, save_llama
 from vllm import LLM
+from vllm.engine.arg_utils import EngineArgs
 
 
 @pytest.fixture(scope="module")
@@ -15,6 +16,10 @@ def bad_memories(tmp_path_factory, tokenizer):
     other = build_tokenizer()
     other.add_tokens(["<extra-token>"])
     return {
+        "short_context": save_gpt2(root / "short_context", tokenizer, seed=7, n_embd=64, n_head=2, n_positions=16),
+        # 6 heads over 3 KV heads: tensor_parallel_size 2 divides the heads, not the KV heads
+        "three_kv_heads": save_llama(root / "three_kv_heads", tokenizer, 8, "llama", hidden_size=192,
+                                     num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128),
         # no tokenizer files: only its output rows can tell, and they do not cover the base's tokenizer
         "few_rows": save_gpt2(root / "few_rows", tokenizer, seed=4, save_tokenizer=False,
                               vocab_size=len(tokenizer) - 10, n_embd=64, n_head=2),
@@ -61,6 +66,27 @@ def test_tensor_parallel_size_must_divide_the_memory_heads(pairs):
     # the base has 2 heads, the Memory Decoder 1
     refused(r"tensor_parallel_size 2 does not divide the memory's 1 attention heads",
             **engine_args(pairs["base"], pairs["decoder"], tensor_parallel_size=2))
+
+
+def test_tensor_parallel_size_must_fit_the_key_value_heads(pairs, bad_memories):
+    refused(r"tensor_parallel_size 2 neither divides nor is a multiple of the memory's 3 key-value heads",
+            **engine_args(pairs["base"], bad_memories["three_kv_heads"], tensor_parallel_size=2))
+
+
+def test_a_memory_with_a_shorter_context_needs_max_model_len(pairs, bad_memories):
+    refused(r"has 16 positions, fewer than max_model_len 128: pass --max-model-len 16",
+            **engine_args(pairs["base"], bad_memories["short_context"]))
+    EngineArgs(**engine_args(pairs["base"], bad_memories["short_context"], max_model_len=16)).create_engine_config()
+
+
+def test_a_quantized_base_is_refused(pairs):
+    refused(r"a quantized base \(fp8\) is not supported",
+            **engine_args(pairs["base"], pairs["decoder"], quantization="fp8", dtype="bfloat16"))
+
+
+def test_micro_batch_overlap_is_refused_with_an_mlp_memory(pairs):
+    refused(r"dual batch overlap \(micro-batching\) is not supported with an MLP Memory",
+            **engine_args(pairs["base"], pairs["mlp"], enable_dbo=True))
 
 
 def test_pipeline_parallelism_is_refused(pairs):
