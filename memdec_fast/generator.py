@@ -34,12 +34,11 @@ from memdec_fast.generation.requests import (
     select_rows,
 )
 from memdec_fast.generation.text import Row
-from memdec_fast.models import MLPMemory, as_runner, checkpoint, detect_memory_type, load_causal_lm
+from memdec_fast.models import MLPMemory, as_runner, checkpoint, load_causal_lm
 from memdec_fast.params import Param, check_params
 
 __all__ = ["GenerationResult", "JointGenerator"]
 
-MEMORY_TYPES = ("auto", "decoder", "mlp")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -176,8 +175,7 @@ class JointGenerator:
         -------
         >>> gen = JointGenerator.from_pretrained("gpt2-xl", "path/to/mlp_memory", memory_type="mlp", lmbda=0.3)
         """
-        if memory_type not in MEMORY_TYPES:
-            raise ValueError(f"memory_type: unknown memory type {memory_type!r}; expected one of {MEMORY_TYPES}")
+        checks.check_memory_type(memory_type)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if dtype not in DTYPES:
@@ -188,13 +186,7 @@ class JointGenerator:
             checkpoint.check_config_against_weights(path)
         tokenizer = tokenizer or checks.load_tokenizer(base)
         checks.check_tokenizers(tokenizer, memory)
-        detected = detect_memory_type(memory, by_weights=True)
-        if memory_type != "auto" and detected is not None and detected != memory_type:
-            kinds = {"mlp": "an MLP Memory (MLP blocks, no attention)", "decoder": "a Memory Decoder (a causal LM)"}
-            raise ValueError(f"memory_type: {memory_type!r}, but {os.fspath(memory)} looks like {kinds[detected]}; "
-                             f"pass memory_type={detected!r} or 'auto'")
-        if memory_type == "auto":
-            memory_type = detect_memory_type(memory)
+        memory_type = checks.resolve_memory_type(memory, memory_type)
         base_runner = load_causal_lm(base, device, dtype, lean=not reference)
         if memory_type == "mlp":
             mem = MLPMemory.from_pretrained(memory, device=device, dtype=dtype)

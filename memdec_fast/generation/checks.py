@@ -1,12 +1,39 @@
-"""Refusing model pairs that cannot be mixed: vocabularies, tokenizers, hidden sizes."""
+"""Refusing model pairs that cannot be mixed: memory types, vocabularies, tokenizers, hidden sizes."""
 
 from __future__ import annotations
 
 import os
 
-from memdec_fast.models import checkpoint
+from memdec_fast.models import checkpoint, detect_memory_type
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "tokenizer_config.json")
+MEMORY_TYPES = ("auto", "decoder", "mlp")
+
+
+def check_memory_type(memory_type: str, key: str = "memory_type") -> None:
+    """memory_type must be one of MEMORY_TYPES; `key` names the setting in the message."""
+    if memory_type not in MEMORY_TYPES:
+        raise ValueError(f"{key}: unknown memory type {memory_type!r}; expected one of {MEMORY_TYPES}")
+
+
+def resolve_memory_type(memory: str | os.PathLike, memory_type: str, key: str = "memory_type") -> str:
+    """"decoder" or "mlp": the type asked for, when the memory's weights do not say otherwise, or the one detected
+    for "auto" (see :func:`memdec_fast.models.detect_memory_type`). `key` names the setting in messages."""
+    check_memory_type(memory_type, key)
+    by_weights = detect_memory_type(memory, by_weights=True)
+    if memory_type != "auto" and by_weights is not None and by_weights != memory_type:
+        kinds = {"mlp": "an MLP Memory (MLP blocks, no attention)", "decoder": "a Memory Decoder (a causal LM)"}
+        raise ValueError(f"{key}: {memory_type!r}, but {os.fspath(memory)} looks like {kinds[by_weights]}; "
+                         f"set {key} to {by_weights!r} or 'auto'")
+    return detect_memory_type(memory) if memory_type == "auto" else memory_type
+
+
+def check_covers_tokenizer(vocab: int, rows: dict[str, int]) -> None:
+    """Each model's output rows (who -> rows) must cover the tokenizer's `vocab` tokens."""
+    for who, n in rows.items():
+        if n < vocab:
+            raise ValueError(f"vocabulary mismatch: the {who} model has {n} output rows, but the tokenizer has {vocab} "
+                             "tokens")
 
 
 def check_vocab(vocab: int, base_rows: int, memory_rows: int, memory_kind: str) -> None:
@@ -15,11 +42,7 @@ def check_vocab(vocab: int, base_rows: int, memory_rows: int, memory_kind: str) 
     Mixing happens over the tokenizer's len(tokenizer) tokens; rows beyond it
     are padding. Different output sizes mean different vocabularies.
     """
-    for who, rows in (("base", base_rows), (memory_kind, memory_rows)):
-        if rows < vocab:
-            raise ValueError(
-                f"vocabulary mismatch: the {who} model has {rows} output rows, but the tokenizer has {vocab} tokens"
-            )
+    check_covers_tokenizer(vocab, {"base": base_rows, memory_kind: memory_rows})
     if base_rows != memory_rows:
         raise ValueError(
             f"vocabulary mismatch: the base has {base_rows} output rows and the {memory_kind} {memory_rows}; "

@@ -20,6 +20,7 @@ from memdec_fast.models import checkpoint
 from memdec_fast.models.gpt2 import MLP, GPT2Config
 
 MLP_CONFIG = "mlp_memory_config.json"
+CONV1D_WEIGHTS = (".mlp.c_fc.weight", ".mlp.c_proj.weight")  # stored [in, out], as upstream's Conv1D holds them
 
 
 class MLPBlock(nn.Module):
@@ -78,8 +79,7 @@ class MLPMemory(nn.Module):
         with torch.device("meta"):
             model = cls(config, None if t is None else t.shape[1], layer_position)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        conv = (".mlp.c_fc.weight", ".mlp.c_proj.weight")
-        state = {k: v.t() if k.endswith(conv) else v for k, v in state.items()}  # Conv1D [in, out] -> [out, in]
+        state = {k: v.t() if k.endswith(CONV1D_WEIGHTS) else v for k, v in state.items()}  # -> [out, in]
         state = checkpoint.take(state, expected, where)
         model.load_state_dict({k: v.to(dtype).contiguous() for k, v in state.items()}, assign=True)
         return model.to(device=device).eval().requires_grad_(False)

@@ -21,9 +21,8 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.gpt2 import GPT2MLP
 
 from memdec_fast.models import checkpoint
+from memdec_fast.models.mlp_memory import CONV1D_WEIGHTS
 from memdec_fast.models.runners import mlp_blocks
-
-CONV1D = (".mlp.c_fc.weight", ".mlp.c_proj.weight")  # stored [in, out]; vLLM's linears hold [out, in]
 
 
 class MLPMemoryBlock(nn.Module):
@@ -74,7 +73,7 @@ class ParallelMLPMemory(nn.Module):
             name = name.removeprefix("transformer.")
             if name not in params:
                 raise ValueError(f"MLP Memory: unexpected weight {name!r} (shape {list(tensor.shape)})")
-            tensor = tensor.t() if name.endswith(CONV1D) else tensor
+            tensor = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor  # vLLM's linears hold [out, in]
             param = params[name]
             getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)

@@ -19,11 +19,9 @@ import os
 from dataclasses import dataclass
 
 from memdec_fast.generation import checks
-from memdec_fast.models import checkpoint, detect_memory_type
+from memdec_fast.models import checkpoint
 from memdec_fast.params import check_params
 from memdec_fast.vllm import ARCHITECTURE
-
-MEMORY_TYPES = ("auto", "decoder", "mlp")
 
 
 @dataclass(frozen=True)
@@ -60,18 +58,12 @@ def read_settings(hf_config, model: str, tokenizer: str | None = None) -> MemDec
                          '{"architectures": ["MemDecForCausalLM"], "memdec_memory": "path/to/memory"}')
     memory = os.fspath(memory)
     memory_type = getattr(hf_config, "memdec_memory_type", None) or "auto"
-    if memory_type not in MEMORY_TYPES:
-        raise ValueError(f"memdec_memory_type: unknown memory type {memory_type!r}; expected one of {MEMORY_TYPES}")
+    checks.check_memory_type(memory_type, "memdec_memory_type")
     try:
         checkpoint.check_config_against_weights(memory)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"memdec_memory: {err}") from err
-    detected = detect_memory_type(memory)
-    by_weights = detect_memory_type(memory, by_weights=True)
-    if memory_type != "auto" and by_weights is not None and by_weights != memory_type:
-        raise ValueError(f"memdec_memory_type: {memory_type!r}, but {memory} looks like "
-                         f"{'an MLP Memory' if by_weights == 'mlp' else 'a Memory Decoder'}; "
-                         f"set it to {by_weights!r} or 'auto'")
+    memory_type = checks.resolve_memory_type(memory, memory_type, "memdec_memory_type")
     lmbda, knn_temp = checkpoint.mixing_defaults(memory, _number(hf_config, "memdec_lmbda"),
                                                  _number(hf_config, "memdec_knn_temp"))
     try:
@@ -80,8 +72,8 @@ def read_settings(hf_config, model: str, tokenizer: str | None = None) -> MemDec
         raise ValueError(f"memdec_{err}") from err
     tok = checks.load_tokenizer(tokenizer or model)
     checks.check_tokenizers(tok, memory)
-    return MemDecSettings(memory, detected if memory_type == "auto" else memory_type, float(lmbda), float(knn_temp),
-                          base_architecture(hf_config, model), len(tok))
+    return MemDecSettings(memory, memory_type, float(lmbda), float(knn_temp), base_architecture(hf_config, model),
+                          len(tok))
 
 
 def _number(hf_config, key: str) -> float | None:
@@ -118,12 +110,10 @@ def memory_config(settings: MemDecSettings):
 
 
 def check_vocab(settings: MemDecSettings, base_config, mem_config) -> None:
-    """Both models' output rows must cover the tokenizer; the memory's rows beyond it are dropped."""
-    rows = {"base": base_config.get_text_config().vocab_size, "memory": mem_config.vocab_size}
-    for who, n in rows.items():
-        if n < settings.vocab:
-            raise ValueError(f"vocabulary mismatch: the {who} has {n} output rows, but the base's tokenizer has "
-                             f"{settings.vocab} tokens; a memory must be trained on the base's tokenizer")
+    """Both models' output rows must cover the tokenizer; unlike JointGenerator's, their row counts may differ (the
+    memory's rows beyond the tokenizer are dropped)."""
+    checks.check_covers_tokenizer(settings.vocab, {"base": base_config.get_text_config().vocab_size,
+                                                   "memory": mem_config.vocab_size})
 
 
 def check_supported(vllm_config, settings: MemDecSettings, mem_config) -> None:

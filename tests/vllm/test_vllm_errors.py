@@ -54,7 +54,7 @@ def test_memory_not_named(pairs):
 
 
 def test_vocabulary_mismatch(pairs, bad_memories):
-    refused(r"vocabulary mismatch: the memory has 290 output rows, but the base's tokenizer has 300 tokens",
+    refused(r"vocabulary mismatch: the memory model has 290 output rows, but the tokenizer has 300 tokens",
             **engine_args(pairs["base"], bad_memories["few_rows"]))
 
 
