@@ -38,12 +38,12 @@ class MemDecForCausalLM(nn.Module):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
-        self.settings = s = deployment.settings_of(vllm_config)
+        s, mem_config = deployment.settings_of(vllm_config)
+        self.settings = s
         text_config = vllm_config.model_config.hf_config.get_text_config()
         self.base = init_vllm_registered_model(vllm_config, prefix=maybe_prefix(prefix, "base"),
                                                architectures=[s.base_architecture])
         self.base_width = text_config.hidden_size
-        mem_config = deployment.memory_config(s)
         self.is_mlp = s.memory_type == "mlp"
         if self.is_mlp:
             layers = text_config.num_hidden_layers

@@ -173,20 +173,20 @@ def check_tensor_parallel(vllm_config, settings: MemDecSettings, mem_config) -> 
                              f"key-value heads ({where}); pick a size that is")
 
 
-def settings_of(vllm_config) -> MemDecSettings:
-    """Read and check a deployment's settings: everything but the weights."""
+def settings_of(vllm_config):
+    """Read and check a deployment's settings, everything but the weights: (MemDecSettings, the memory's config)."""
     model_config = vllm_config.model_config
     settings = read_settings(model_config.hf_config, model_config.model, model_config.tokenizer)
     mem_config = memory_config(settings)
     check_vocab(settings, model_config.hf_config, mem_config)
     check_supported(vllm_config, settings, mem_config)
-    return settings
+    return settings, mem_config
 
 
 def verify_deployment(vllm_config) -> None:
     """vLLM's config hook for MemDecForCausalLM: fail in the front-end process, before workers start; else log what
     will be served."""
-    s = settings_of(vllm_config)
+    s, _ = settings_of(vllm_config)
     kind = "an MLP Memory" if s.memory_type == "mlp" else "a Memory Decoder"
     # under vLLM's logger, so that the line shows where vLLM's own do
     logging.getLogger("vllm.memdec_fast").info(
