@@ -158,11 +158,19 @@ def _pair(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _context(args: argparse.Namespace) -> int:
-    """The pair's context window in tokens, from the config files alone (no weights, no torch)."""
+    """The pair's context window in tokens, from the config files and weight names alone (no weights loaded).
+
+    An MLP Memory reads one hidden state at a time and has no context of its own (the trainer's upstream-format
+    config says n_positions=1), so only the base bounds the context then. A --memory-type that contradicts the
+    memory's weights is refused here, before anything loads.
+    """
+    from memdec_fast.generation.checks import resolve_memory_type
     from memdec_fast.models.checkpoint import load_config
 
+    base, memory = _pair(args)
+    kind = resolve_memory_type(memory, args.memory_type, key="--memory-type")
     sizes = []
-    for path in _pair(args):
+    for path in (base,) if kind == "mlp" else (base, memory):
         config = load_config(path)
         sizes += [v for k in ("n_positions", "max_position_embeddings") if isinstance(v := config.get(k), int)][:1]
     return min(sizes) if sizes else 2**31 - 1

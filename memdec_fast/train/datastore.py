@@ -125,7 +125,9 @@ def tokenize_corpus(corpus: str | Path | Iterable[str], tokenizer, out: Path, ch
             if doc is not None:
                 batch.append(doc + "\n")
             if batch and (doc is None or len(batch) == chunk_docs):
-                for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                # verbose=False: documents longer than the base's context are fine here (the stream is cut into blocks),
+                # so transformers' "Token indices sequence length is longer than ..." warning is noise
+                for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
                     np.asarray(ids, dtype=np.int32).tofile(f)
                     count += len(ids)
                 batch = []
