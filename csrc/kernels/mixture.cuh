@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/block_row.cuh"
+#include "kernels/launch.cuh"
 
 namespace memdec_fast {
 
@@ -44,15 +45,15 @@ __global__ void __launch_bounds__(kThreads)
 template <typename TB, typename TM>
 void LaunchJointLogprobs(const TB* base, int64_t base_stride, const TM* mem, int64_t mem_stride, int rows, int vocab,
                          const float* table, RowParams scalars, float* out, cudaStream_t stream) {
-  JointLogprobsKernel<<<rows, kThreads, 0, stream>>>(base, base_stride, mem, mem_stride, vocab, table, scalars, out);
+  MDF_LAUNCH(JointLogprobsKernel, rows, kThreads, stream, base, base_stride, mem, mem_stride, vocab, table, scalars, out);
 }
 
 template <typename TB, typename TM>
 void LaunchTargetLogprobs(const TB* base, int64_t base_stride, const TM* mem, int64_t mem_stride, int rows,
                           int vocab, const int64_t* targets, const float* table, RowParams scalars, float* joint,
                           float* lp_base, float* lp_mem, cudaStream_t stream) {
-  TargetLogprobsKernel<<<rows, kThreads, 0, stream>>>(base, base_stride, mem, mem_stride, vocab, targets, table,
-                                                      scalars, joint, lp_base, lp_mem);
+  MDF_LAUNCH(TargetLogprobsKernel, rows, kThreads, stream, base, base_stride, mem, mem_stride, vocab, targets, table,
+             scalars, joint, lp_base, lp_mem);
 }
 
 }  // namespace memdec_fast

@@ -17,6 +17,7 @@
 
 #include "common/philox.h"
 #include "kernels/block_row.cuh"
+#include "kernels/launch.cuh"
 
 namespace memdec_fast {
 
@@ -250,8 +251,8 @@ template <typename TB, typename TM>
 void LaunchSample(const TB* base, int64_t base_stride, const TM* mem, int64_t mem_stride, int rows, int vocab,
                   const float* table, RowParams scalars, PhiloxArgs philox, int64_t* tokens, float* logprobs,
                   cudaStream_t stream) {
-  SampleKernel<<<rows, kThreads, 0, stream>>>(base, base_stride, mem, mem_stride, vocab, table, scalars, philox,
-                                              tokens, logprobs);
+  MDF_LAUNCH(SampleKernel, rows, kThreads, stream, base, base_stride, mem, mem_stride, vocab, table, scalars, philox,
+             tokens, logprobs);
 }
 
 }  // namespace memdec_fast
