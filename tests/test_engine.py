@@ -16,7 +16,15 @@ import torch
 from conftest import build_tokenizer, save_gpt2
 
 from memdec_fast import JointGenerator, ops
-from memdec_fast.engine import Engine, EngineClosed, EngineOverloaded, RequestFailed, RequestOutput, StreamDelta
+from memdec_fast.engine import (
+    Engine,
+    EngineClosed,
+    EngineOverloaded,
+    InvalidArgument,
+    RequestFailed,
+    RequestOutput,
+    StreamDelta,
+)
 
 WAIT = 30.0
 PROMPTS = ["the quick brown fox", "a plug", "memory decoders give a base", "héllo", "the lazy dog jumps over the fox"]
@@ -239,25 +247,29 @@ def test_a_request_with_nan_logits_fails_alone(ckpts, refs):
             assert_equals_alone(f.result(WAIT), ref, p, max_new_tokens=6)
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(ckpts, refs, caplog):
+def test_a_failing_step_runs_its_rows_alone_and_fails_only_the_failing_one(ckpts, refs, caplog):
     with Engine(load(ckpts, "decoder"), max_batch=2) as engine:
-        decode, calls = engine._step.decode, []
+        decode_one = engine._step.decode_one
 
-        def broken_once(*args):
-            calls.append(1)
-            if len(calls) == 1:
+        def broken(*args):
+            raise RuntimeError("boom: memdec_fast::sample_rows(Tensor base_logits, ...) internals")
+
+        def one(slot, *args):
+            if slot == 1:
                 raise RuntimeError("boom")
-            return decode(*args)
+            return decode_one(slot, *args)
 
-        engine._step.decode = broken_once
-        with caplog.at_level(logging.ERROR, logger="memdec_fast.engine.engine"):
+        engine._step.decode, engine._step.decode_one = broken, one
+        with caplog.at_level(logging.WARNING, logger="memdec_fast.engine.engine"):
             with engine._sched.cond:  # both run in the broken step
                 futs = [engine.submit(p, max_new_tokens=5) for p in PROMPTS[:2]]
-            for f in futs:
-                with pytest.raises(RequestFailed, match="boom"):
-                    f.result(WAIT)
-        assert "a step failed" in caplog.text
-        assert engine.num_running == 0
+            assert_equals_alone(futs[0].result(WAIT), refs["decoder"], PROMPTS[0], max_new_tokens=5)
+            with pytest.raises(RequestFailed, match="RuntimeError") as err:
+                futs[1].result(WAIT)
+        assert "internals" not in str(err.value)  # the op's signature stays in the log
+        assert "running them one by one" in caplog.text and "internals" in caplog.text
+        assert engine.num_running == 0 and engine.healthy
+        engine._step.decode_one = decode_one
         assert_equals_alone(engine.submit(PROMPTS[2], max_new_tokens=6).result(WAIT), refs["decoder"], PROMPTS[2],
                             max_new_tokens=6)
 
@@ -337,9 +349,12 @@ def test_bad_requests_raise_value_error_at_the_call_like_joint_generator(engines
     engine = engines["decoder"]
     with pytest.raises(ValueError) as want:
         refs["decoder"].generate(prompt, **kwargs)
-    with pytest.raises(ValueError) as got:
+    with pytest.raises(InvalidArgument) as got:
         engine.submit(prompt, **kwargs)
-    assert str(got.value) == str(want.value)
+    # the same words, and the argument named structurally (a single prompt is "prompt", not "prompts[0]")
+    assert str(want.value).endswith(got.value.detail)
+    too_long = str(want.value).startswith("prompt too long")
+    assert got.value.param == ("prompt" if not kwargs or too_long else next(iter(kwargs)))
     with pytest.raises(ValueError):
         engine.stream(prompt, **kwargs)
     with pytest.raises(ValueError):

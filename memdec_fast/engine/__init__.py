@@ -9,9 +9,11 @@ from memdec_fast.engine.types import (
     EngineClosed,
     EngineError,
     EngineOverloaded,
+    InvalidArgument,
     RequestFailed,
     RequestOutput,
     StreamDelta,
 )
 
-__all__ = ["Engine", "EngineClosed", "EngineError", "EngineOverloaded", "RequestFailed", "RequestOutput", "StreamDelta"]
+__all__ = ["Engine", "EngineClosed", "EngineError", "EngineOverloaded", "InvalidArgument",
+           "RequestFailed", "RequestOutput", "StreamDelta"]

@@ -16,6 +16,8 @@ Callers reach it from any thread (:meth:`Engine.submit`) or event loop (:meth:`E
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import itertools
 import logging
 import os
@@ -29,7 +31,7 @@ import torch
 from memdec_fast.engine.bridge import FutureSink, RequestStream, StreamChannel
 from memdec_fast.engine.scheduler import Request, Scheduler, Sink
 from memdec_fast.engine.step import ModelStep, batch_bucket
-from memdec_fast.engine.types import EngineClosed, RequestFailed, RequestOutput, StreamDelta
+from memdec_fast.engine.types import EngineClosed, InvalidArgument, RequestFailed, RequestOutput, StreamDelta
 from memdec_fast.generation.requests import (
     check_one_prompt,
     check_prompt_length,
@@ -41,6 +43,20 @@ from memdec_fast.generation.requests import (
 from memdec_fast.generator import JointGenerator
 
 __all__ = ["Engine"]
+
+
+@contextlib.contextmanager
+def _blame(param: str):
+    """Turn a ValueError of the checks inside into InvalidArgument naming `param`."""
+    try:
+        yield
+    except InvalidArgument:
+        raise
+    except ValueError as err:
+        detail = str(err)
+        head, sep, rest = detail.partition(": ")
+        # the checks name what they check ("seed: ...", "prompts[0]: ..."): keep only what is wrong
+        raise InvalidArgument(param, rest if sep and " " not in head else detail) from None
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +128,13 @@ class Engine:
                                reference=gen.reference, cuda_graphs=cuda_graphs)
         self._sched = Scheduler(max_batch, max_queue, prefill_chunk)
         self._eos = self.tokenizer.eos_token_id
-        self._tok_lock = threading.Lock()  # a fast tokenizer must not encode and decode in two threads at once
+        self._tok_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
+        self._encoders = threading.local()  # per-thread tokenizer copies that encode requests (see _encoder)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closing = self._abort = False
+        self.error: BaseException | None = None
+        """What stopped the loop, when a bug did; the engine then refuses every request (see :attr:`healthy`)."""
         self.stats = {"steps": 0, "decode_steps": 0, "prefill_chunks": 0, "prefill_tokens": 0, "tokens": 0}
         self.trace: deque[dict] = deque(maxlen=4096)
         """Per engine step: {"prefill": [(request_id, start, end)], "decode": [request_id]} (recent steps only)."""
@@ -167,6 +186,8 @@ class Engine:
             self._start_locked()
 
     def _start_locked(self) -> None:
+        if self.error is not None:
+            raise EngineClosed(f"the engine stopped after an internal error ({type(self.error).__name__})")
         if self._closing:
             raise EngineClosed("the engine is closed")
         if self._thread is None:
@@ -196,6 +217,12 @@ class Engine:
         self.close()
 
     @property
+    def healthy(self) -> bool:
+        """False once the loop has stopped for any reason but close(): every request would fail."""
+        thread = self._thread
+        return self.error is None and (thread is None or thread.is_alive() or self._closing)
+
+    @property
     def num_waiting(self) -> int:
         """Requests waiting for a slot."""
         return len(self._sched.waiting)
@@ -208,32 +235,53 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------
 
     def _request(self, prompt: str | Sequence[int], sampling: dict, sink: Sink) -> Request:
-        """Check and encode one request; raise ValueError / TypeError like JointGenerator."""
+        """Check and encode one request; raise InvalidArgument (a ValueError naming the argument) or TypeError.
+
+        Every value is brought here into the range the step takes, so that nothing a request sends can
+        fail the batched step of the others.
+        """
         unknown = sorted(set(sampling) - set(SAMPLING))
         if unknown:
             raise TypeError(f"unexpected arguments {unknown}")
         s = SAMPLING | sampling
-        check_one_prompt(prompt)
-        with self._tok_lock:
-            ids = encode_prompts(prompt, self.tokenizer, self.vocab)[0]
-            stop_ids, stop_strings = parse_stop(s["stop"], self.tokenizer, self.vocab)
-        check_request(s["max_new_tokens"], s["seed"])
-        check_prompt_length(len(ids), s["max_new_tokens"], self.max_context)
+        with _blame("prompt"):
+            check_one_prompt(prompt)
+            ids = encode_prompts(prompt, self._encoder(), self.vocab)[0]
+        with _blame("stop"):
+            stop_ids, stop_strings = parse_stop(s["stop"], self._encoder(), self.vocab)
+        with _blame("max_new_tokens"):
+            check_request(s["max_new_tokens"], None)
+        with _blame("seed"):
+            check_request(1, s["seed"])
+        with _blame("prompt"):
+            check_prompt_length(len(ids), s["max_new_tokens"], self.max_context)
         gen = self.generator
-        params = sampling_params(
-            1, torch.device("cpu"), lmbda=gen.lmbda if s["lmbda"] is None else s["lmbda"], knn_temp=gen.knn_temp,
-            base_temp=gen.base_temp, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-            min_p=s["min_p"],
-        )
+        values = {"lmbda": gen.lmbda if s["lmbda"] is None else s["lmbda"], "knn_temp": gen.knn_temp,
+                  "base_temp": gen.base_temp, **{k: s[k] for k in ("temperature", "top_k", "top_p", "min_p")}}
+        params = {}
+        for name, value in values.items():
+            with _blame(name):
+                params |= sampling_params(1, torch.device("cpu"), **{name: value})
+        # top_k >= vocab keeps every token: the same filter, in the int64 the kernels take
+        params["top_k"] = min(params["top_k"], self.vocab) if isinstance(params["top_k"], int) else params["top_k"]
         params = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
         rid = s["request_id"]
         if rid is None:
             rid = f"req-{next(self._ids)}"
         elif not isinstance(rid, str):
-            raise ValueError(f"request_id: expected a str or None, got {rid!r}")
+            raise InvalidArgument("request_id", f"expected a str or None, got {rid!r}")
         rng = None if s["seed"] is None else self._step.new_rng(s["seed"])
         return Request(rid, ids, s["max_new_tokens"], params, rng, stop_ids, stop_strings,
                        isinstance(sink, StreamChannel), sink)
+
+    def _encoder(self):
+        """This thread's copy of the tokenizer, for encoding requests: a long prompt encodes in its caller's
+        thread and never holds the lock the loop decodes under."""
+        tok = getattr(self._encoders, "tokenizer", None)
+        if tok is None:
+            with self._tok_lock:
+                tok = self._encoders.tokenizer = copy.deepcopy(self.tokenizer)
+        return tok
 
     def _enqueue(self, req: Request) -> None:
         with self._sched.cond:
@@ -311,61 +359,114 @@ class Engine:
     # -- the loop thread --------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as err:  # noqa: BLE001 - a bug in the loop itself: refuse everything from now on
+            logger.critical("memdec_fast engine: the loop stopped: %r", err, exc_info=err)
+            with self._sched.cond:
+                self.error = err
+        with self._sched.cond:
+            left = list(self._sched.waiting) + self._sched.running
+            self._sched.waiting.clear()
+        reason = ("the engine closed before the request finished" if self.error is None
+                  else f"the engine stopped after an internal error ({type(self.error).__name__})")
+        for req in left:
+            self._release(req, written=None)
+            req.sink.fail(EngineClosed(reason))
+
+    def _serve(self) -> None:
         sched = self._sched
         while True:
             with sched.cond:
                 while not self._abort and not sched.has_work() and not self._closing:
                     sched.cond.wait()
                 if self._abort or (self._closing and not sched.has_work()):
-                    break
+                    return
                 for req in [r for r in sched.admitted if r.cancelled]:
-                    sched.release(req)
-                for req in sched.admit():
+                    self._release(req)
+                admitted = sched.admit()
+            for req in admitted:
+                try:
                     self._step.set_params(req.slot, req.params)
-            try:
-                self._iteration()
-            except Exception as err:  # a bug or a device error: fail the running requests, keep serving
-                logger.exception("memdec_fast engine: a step failed; failing its %d requests", len(sched.admitted))
-                for req in sched.running:
-                    self._fail(req, RequestFailed(f"request {req.request_id}: the engine step failed ({err})"))
-        with sched.cond:
-            left = list(sched.waiting) + sched.running
-            sched.waiting.clear()
-        for req in left:
-            sched.release(req)
-            req.sink.fail(EngineClosed("the engine closed before the request finished"))
+                except Exception as err:  # noqa: BLE001 - the request's own values: it fails alone
+                    self._fail(req, self._failure(req, err))
+            self._iteration()
 
     def _iteration(self) -> None:
         sched, step = self._sched, self._step
         record = {"prefill": [], "decode": []}
         plan = sched.prefill_plan()
-        if plan:
-            base_logits, mem_logits = step.prefill([(req.slot, req.prompt[start:end], start) for req, start, end in plan])
-            self.stats["prefill_chunks"] += len(plan)
-            for i, (req, start, end) in enumerate(plan):
-                req.computed = end
-                record["prefill"].append((req.request_id, start, end))
-                self.stats["prefill_tokens"] += end - start
-                if end == len(req.prompt):
-                    self._emit(req, *step.sample((base_logits[i : i + 1], mem_logits[i : i + 1]), req.params, req.rng))
+        for (req, start, end), logits in self._isolated(
+            plan, lambda part: step.prefill([(r.slot, r.prompt[a:b], a) for r, a, b in part])
+        ):
+            self.stats["prefill_chunks"] += 1
+            req.computed = end
+            record["prefill"].append((req.request_id, start, end))
+            self.stats["prefill_tokens"] += end - start
+            if end == len(req.prompt):
+                self._guard(req, lambda r=req, lg=logits: self._emit(r, *step.sample(lg, r.params, r.rng)))
         rows = sched.decode_rows()
         if rows:
-            busy = [r for r in sched.admitted if r.slot is not None]
-            n = batch_bucket(max(r.slot for r in busy) + 1, self.max_batch)
-            tokens, positions = [0] * n, [0] * n
-            for r in busy:
-                if r.slot < n:  # a request in prefill feeds a dummy token where its next chunk will write
-                    positions[r.slot] = r.position
-            for r in rows:
-                tokens[r.slot] = r.row.token_ids[-1]
-            seeded = {r.slot: (r.params, r.rng) for r in rows if r.rng is not None}
-            out_tokens, out_logprobs = step.decode(tokens, positions, seeded)
+            try:
+                out_tokens, out_logprobs = self._decode(rows)
+            except Exception as err:  # noqa: BLE001 - find the row that fails: run each alone
+                logger.warning("memdec_fast engine: a decode step of %d rows failed (%r); running them one by one",
+                               len(rows), err)
+                out = {}
+                for r in rows:
+                    self._guard(r, lambda r=r: out.__setitem__(r.slot, step.decode_one(
+                        r.slot, r.row.token_ids[-1], r.position, r.params, r.rng)))
+                rows = [r for r in rows if r.slot in out]
+                out_tokens, out_logprobs = ({r.slot: out[r.slot][i] for r in rows} for i in (0, 1))
             self.stats["decode_steps"] += 1
             for r in rows:
                 record["decode"].append(r.request_id)
-                self._emit(r, out_tokens[r.slot], out_logprobs[r.slot])
+                self._guard(r, lambda r=r: self._emit(r, out_tokens[r.slot], out_logprobs[r.slot]))
         self.stats["steps"] += 1
         self.trace.append(record)
+
+    def _decode(self, rows: list[Request]) -> tuple[list[int], list[float]]:
+        """One batched decode step of `rows`; each slot's token and log p."""
+        busy = [r for r in self._sched.admitted if r.slot is not None]
+        n = batch_bucket(max(r.slot for r in busy) + 1, self.max_batch)
+        tokens, positions = [0] * n, [0] * n
+        for r in busy:
+            if r.slot < n:  # a request in prefill feeds a dummy token where its next chunk will write
+                positions[r.slot] = r.position
+        for r in rows:
+            tokens[r.slot] = r.row.token_ids[-1]
+        seeded = {r.slot: (r.params, r.rng) for r in rows if r.rng is not None}
+        return self._step.decode(tokens, positions, seeded)
+
+    def _isolated(self, plan: list, run) -> list:
+        """[(item, logits of that item)] of run(plan); when the batch fails, each item runs alone and the ones
+        that still fail fail their requests (the others go on)."""
+        if not plan:
+            return []
+        try:
+            base, mem = run(plan)
+            return [(item, (base[i : i + 1], mem[i : i + 1])) for i, item in enumerate(plan)]
+        except Exception as err:  # noqa: BLE001
+            if len(plan) == 1:
+                self._fail(plan[0][0], self._failure(plan[0][0], err))
+                return []
+            logger.warning("memdec_fast engine: a prefill of %d chunks failed (%r); running them one by one",
+                           len(plan), err)
+        return [done for item in plan for done in self._isolated([item], run)]
+
+    def _guard(self, req: Request, work) -> None:
+        """Run `work` for `req`; an exception fails `req` alone."""
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001
+            self._fail(req, self._failure(req, err))
+
+    @staticmethod
+    def _failure(req: Request, err: Exception) -> RequestFailed:
+        logger.error("memdec_fast engine: request %s failed", req.request_id, exc_info=err)
+        # the message reaches the client: name the kind of error, not the op's internals
+        return RequestFailed(f"request {req.request_id}: the engine step failed on this request "
+                             f"({type(err).__name__})")
 
     def _emit(self, req: Request, token: int, logprob: float) -> None:
         """Append one sampled token to `req`, stream it, and retire the request when it is done."""
@@ -397,14 +498,20 @@ class Engine:
             ))
             req.sent_text, req.sent_tokens = max(req.sent_text, len(text)), len(row.token_ids)
         if row.finish_reason is not None:
-            with self._sched.cond:
-                self._sched.release(req)
+            self._release(req)
             req.sink.finish(RequestOutput(req.request_id, row.text, list(row.token_ids), list(row.logprobs),
                                           row.finish_reason, len(req.prompt)))
 
     def _fail(self, req: Request, err: Exception) -> None:
+        self._release(req, written=None)
+        req.sink.fail(err)
+
+    def _release(self, req: Request, written: int | None = -1) -> None:
+        """Free `req`'s slot, zeroing what it wrote: a masked cache slot still enters probs @ V, where a stale
+        NaN would poison the next user (0 * NaN = NaN). written: positions [0, written) to zero; -1 for all
+        the request fed; None for the whole slot (a failure may have written anywhere)."""
         if req.slot is not None:
-            self._step.clear_slot(req.slot)
+            upto = None if written is None else req.position + 1 if written == -1 else written
+            self._step.clear_slot(req.slot, upto)
         with self._sched.cond:
             self._sched.release(req)
-        req.sink.fail(err)

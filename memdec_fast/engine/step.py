@@ -106,13 +106,13 @@ class ModelStep:
         self.table[slot].copy_(ops.pack_row_params(1, self.device, **params)[0])
 
     @torch.inference_mode()
-    def clear_slot(self, slot: int) -> None:
-        """Zero a slot's caches: a failed request may have left NaN there, and masked slots still enter
-        probs @ V, where 0 * NaN = NaN."""
+    def clear_slot(self, slot: int, upto: int | None = None) -> None:
+        """Zero a slot's cache positions [0, upto) (None: all): masked positions still enter probs @ V, where a
+        NaN left by the slot's previous request would give 0 * NaN = NaN."""
         for caches in self.caches:
             for k, v in caches:
-                k[slot].zero_()
-                v[slot].zero_()
+                k[slot, :, :upto].zero_()
+                v[slot, :, :upto].zero_()
 
     # -- sampling ---------------------------------------------------------------------------------
 
@@ -189,6 +189,16 @@ class ModelStep:
         for r, (params, rng) in seeded.items():
             out_tokens[r], out_logprobs[r] = self.sample((logits[0][r : r + 1], logits[1][r : r + 1]), params, rng)
         return out_tokens, out_logprobs
+
+    @torch.inference_mode()
+    def decode_one(self, slot: int, token: int, position: int, params: dict[str, Param],
+                   rng: torch.Generator | None) -> tuple[int, float]:
+        """One row decoded alone, eagerly (no graph, no parameter table): the token and log p that row would
+        get in a batched step. The engine's fallback when a batched step fails, to find the failing row."""
+        ids = torch.tensor([[token]], device=self.device)  # [1, 1]
+        pos = torch.tensor([[position]], device=self.device)  # [1, 1]
+        logits = self._forward(ids, pos, slice(slot, slot + 1), position + 1)
+        return self.sample(logits, params, rng)
 
     def _run(self, rows: int, length: int) -> Logits:
         if not self.replay:

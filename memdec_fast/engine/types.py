@@ -49,12 +49,24 @@ class EngineError(Exception):
     """Base class of the engine's errors."""
 
 
+class InvalidArgument(EngineError, ValueError):
+    """One argument of a request is bad; the request was not accepted. HTTP 400.
+
+    param: the argument's name in :meth:`Engine.submit` ("prompt", "max_new_tokens", "seed", "stop",
+    "temperature", ...); detail: what is wrong with it, without the name.
+    """
+
+    def __init__(self, param: str, detail: str):
+        super().__init__(f"{param}: {detail}")
+        self.param, self.detail = param, detail
+
+
 class EngineOverloaded(EngineError):
     """The waiting queue is full (max_queue); the request was not accepted. HTTP 429."""
 
 
 class EngineClosed(EngineError):
-    """The engine is shutting down or closed and accepts no new requests. HTTP 503."""
+    """The engine is shutting down, closed, or stopped by an internal error, and accepts no new requests. HTTP 503."""
 
 
 class RequestFailed(EngineError):

@@ -28,6 +28,8 @@ def encode_prompts(prompts: Prompts, tokenizer, vocab: int) -> list[list[int]]:
     rows = []
     for i, p in enumerate(prompts):
         refuse_bytes(f"prompts[{i}]", p)
+        if isinstance(p, str):
+            check_text(f"prompts[{i}]", p)
         # verbose=False: a prompt past the model's context gets our own "prompt too long" error, not a tokenizer warning
         ids = tokenizer.encode(p, add_special_tokens=False, verbose=False) if isinstance(p, str) else list(p)
         if not ids:
@@ -75,6 +77,7 @@ def parse_stop(stop: int | str | Sequence[int | str] | None, tokenizer, vocab: i
     for s in items:
         refuse_bytes("stop", s)
         if isinstance(s, str) and s:
+            check_text("stop", s)
             strings.append(s)
         elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab:
             ids.add(s)
@@ -88,6 +91,14 @@ def refuse_bytes(name: str, value) -> None:
     if isinstance(value, (bytes, bytearray, memoryview)):
         raise ValueError(  # noqa: TRY004 - a bad argument value, reported like every other
             f"{name}: got bytes; pass text as str (e.g. value.decode('utf-8')) or token ids as a list of ints")
+
+
+def check_text(name: str, text: str) -> None:
+    """ValueError for text that is not valid Unicode (a lone surrogate such as "\\ud800", which JSON can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name}: not valid Unicode: a lone surrogate at character {err.start}") from None
 
 
 def check_one_prompt(prompt, name: str = "prompt") -> None:
@@ -107,8 +118,13 @@ def check_prompt_length(prompt_tokens: int, max_new_tokens: int, context: int) -
         )
 
 
+MAX_SEED = 2**64 - 1
+"""The largest seed: torch.Generator takes 64-bit seeds."""
+
+
 def check_request(max_new_tokens: int, seed: int | None) -> None:
+    """ValueError for a max_new_tokens below 1 or a seed outside [0, MAX_SEED]."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed: expected a non-negative int or None, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed: expected an int in [0, 2**64 - 1] or None, got {seed!r}")
