@@ -361,7 +361,7 @@ class Engine:
     def _loop(self) -> None:
         try:
             self._serve()
-        except BaseException as err:  # noqa: BLE001 - a bug in the loop itself: refuse everything from now on
+        except BaseException as err:  # a bug in the loop itself: refuse everything from now on
             logger.critical("memdec_fast engine: the loop stopped: %r", err, exc_info=err)
             with self._sched.cond:
                 self.error = err
