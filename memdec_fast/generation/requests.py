@@ -66,8 +66,15 @@ def select_rows(params: dict[str, Param], rows: torch.Tensor) -> dict[str, Param
     return {k: v.index_select(0, rows) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
 
 
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 1024
+MAX_STOP_IDS = 1024
+"""Limits on a request's stop conditions: the work per generated token grows with them."""
+
+
 def parse_stop(stop: int | str | Sequence[int | str] | None, tokenizer, vocab: int) -> tuple[set[int], list[str]]:
-    """(stop token ids, stop strings), EOS included in the ids."""
+    """(stop token ids, stop strings), EOS included in the ids; at most MAX_STOP_STRINGS strings of at most
+    MAX_STOP_LENGTH characters, and MAX_STOP_IDS ids."""
     ids = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
     if stop is None:
         return ids, []
@@ -82,7 +89,12 @@ def parse_stop(stop: int | str | Sequence[int | str] | None, tokenizer, vocab: i
         elif isinstance(s, int) and not isinstance(s, bool) and 0 <= s < vocab:
             ids.add(s)
         else:
-            raise ValueError(f"stop: expected token ids in [0, {vocab}) or non-empty strings, got {s!r}")
+            raise ValueError(f"stop: expected token ids in [0, {vocab}) or non-empty strings, got {s!r:.80}")
+    longest = max(strings, key=len, default="")
+    if len(strings) > MAX_STOP_STRINGS or len(longest) > MAX_STOP_LENGTH or len(items) - len(strings) > MAX_STOP_IDS:
+        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} characters and "
+                         f"{MAX_STOP_IDS} token ids, got {len(strings)} strings (the longest {len(longest)} "
+                         f"characters) and {len(items) - len(strings)} ids")
     return ids, strings
 
 

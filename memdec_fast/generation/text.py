@@ -31,5 +31,21 @@ class Row:
         if self.finish_reason is not None:
             return self.text
         text = self.text.rstrip("\ufffd")
-        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        hold = max((held_back(text, s) for s in stop), default=0)
         return text[: len(text) - hold]
+
+
+def held_back(text: str, stop: str) -> int:
+    """The length of the longest proper prefix of `stop` that `text` ends with.
+
+    Only the last len(stop) - 1 characters can hold one, and a candidate starts where `stop`'s first
+    character occurs there: the work per call is about len(stop) character comparisons (at worst
+    len(stop)**2, done by str.startswith), whatever the length of the text.
+    """
+    tail = text[max(0, len(text) - len(stop) + 1) :]
+    i = tail.find(stop[0]) if stop else -1
+    while i != -1:
+        if stop.startswith(tail[i:]):
+            return len(tail) - i
+        i = tail.find(stop[0], i + 1)
+    return 0
