@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from memdec_fast.ranges import FLAGS, RANGES
+
 DEMO_DIR = Path(__file__).parent / "data" / "demo"
 _DTYPES = ("float32", "float16", "bfloat16")
 _OPTIONAL_COMMANDS = ("memdec_fast.train.cli", "memdec_fast.demo", "memdec_fast.server.cli")
@@ -46,51 +48,72 @@ class UsageError(ValueError):
     """An argument the parser accepted but the command cannot use."""
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(json_help: str = "print one JSON object on stdout") -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("model pair")
     g.add_argument("--base", metavar="PATH", help="base LM: directory or hub name (default: the embedded demo base)")
     g.add_argument("--memory", metavar="PATH", help="memory: directory or hub name (default: the embedded demo memory)")
-    g.add_argument("--memory-type", choices=("auto", "decoder", "mlp"), default="auto")
+    g.add_argument("--memory-type", choices=("auto", "decoder", "mlp"), default="auto",
+                   help="auto: an MLP Memory when its files say so, else a Memory Decoder")
     g.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--dtype", choices=_DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--json", action="store_true", help=json_help)
     return p
 
 
+class _RangeType:
+    """An argparse `type` that parses a number and refuses it outside its entry of :data:`memdec_fast.ranges.RANGES`."""
+
+    def __init__(self, key: str):
+        self.key, self.range = key, RANGES[key]
+        self.__name__ = self.range.kind.__name__  # argparse names the type in some messages
+
+    def __call__(self, text: str) -> int | float:
+        try:
+            return self.range.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    def __repr__(self) -> str:
+        return f"_RangeType({self.key!r})"
+
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: str = ""):
+    """(name, parser) of every subcommand, nested ones as "train mlp"."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + name, sub
+                yield from _subcommands(sub, prefix + name + " ")
+
+
+def apply_ranges(parser: argparse.ArgumentParser) -> None:
+    """Give every numeric flag listed in :data:`memdec_fast.ranges.FLAGS` the type and range of its entry.
+
+    The table, not the code that adds a flag, decides what the flag accepts: the same entries the ops check their
+    arguments against. The range is appended to the flag's help.
+    """
+    for command, sub in _subcommands(parser):
+        flags = FLAGS.get(command, {})
+        for action in sub._actions:
+            key = next((flags[o] for o in action.option_strings if o in flags), None)
+            if key is None or isinstance(action.type, _RangeType):
+                continue
+            action.type = _RangeType(key)
+            action.help = f"{action.help + '; ' if action.help else ''}range {RANGES[key].describe()}"
+
+
+# Kept for memdec_fast.server.cli, which registers its flags with them; apply_ranges replaces them by the table's.
 def _unit_float(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
-    return v
+    return _RangeType("generate.lmbda")(text)
 
 
 def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return v
+    return _RangeType("train.lr")(text)
 
 
 def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return v
-
-
-def _non_negative_float(text: str) -> float:
-    v = float(text)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return v
+    return _RangeType("ppl.batch_size")(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,39 +122,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
 
-    g = sub.add_parser("generate", parents=[common], help="generate text from one or more prompts")
+    g = sub.add_parser("generate", parents=[_common("print JSON on stdout: one object per prompt, one per line")],
+                       help="generate text from one or more prompts")
     g.add_argument("prompt", nargs="+", help="each prompt is completed on its own (batched); prints prompt + completion")
-    g.add_argument("--max-new-tokens", type=_positive_int,
-                   help="default: 64, or half the context when that is shorter")
-    g.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 is greedy")
-    g.add_argument("--top-k", type=_non_negative_int, default=0, help="0 disables")
-    g.add_argument("--top-p", type=_unit_float, default=1.0)
-    g.add_argument("--min-p", type=_unit_float, default=0.0)
-    g.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help="HF's rule, on the mixture")
-    g.add_argument("--seed", type=_non_negative_int)
+    g.add_argument("--max-new-tokens", type=int, help="default: 64, or half the context when that is shorter")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0 disables")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the likeliest tokens holding this mass")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the likeliest's probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's rule, on the mixture")
+    g.add_argument("--seed", type=int, help="the same seed gives the same tokens (default: none, a fresh draw)")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop string; repeat for several")
-    g.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP)
-    g.add_argument("--knn-temp", type=_positive_float, help=_KNN_TEMP_HELP)
+    g.add_argument("--lmbda", type=float, help=_LMBDA_HELP)
+    g.add_argument("--knn-temp", type=float, help=_KNN_TEMP_HELP)
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", parents=[common], help="perplexity of base, memory and mixture on a text file")
     p.add_argument("file", help="UTF-8 text file, tokenized line by line")
-    p.add_argument("--lmbda", type=_unit_float, nargs="+", help="one or several (a sweep in one pass); " + _LMBDA_HELP)
-    p.add_argument("--knn-temp", type=_positive_float, help=_KNN_TEMP_HELP)
-    p.add_argument("--block-size", type=_positive_int, help="window length (default: min(1024, model context))")
-    p.add_argument("--stride", type=_positive_int, help="window step (default: block size / 2)")
-    p.add_argument("--batch-size", type=_positive_int, help="windows per forward (default: 1 on CPU, 8 on CUDA)")
+    p.add_argument("--lmbda", type=float, nargs="+", help="one or several (a sweep in one pass); " + _LMBDA_HELP)
+    p.add_argument("--knn-temp", type=float, help=_KNN_TEMP_HELP)
+    p.add_argument("--block-size", type=int, help="window length (default: min(1024, model context))")
+    p.add_argument("--stride", type=int, help="window step (default: block size / 2)")
+    p.add_argument("--batch-size", type=int, help="windows per forward (default: 1 on CPU, 8 on CUDA)")
     p.set_defaults(func=cmd_ppl)
 
     b = sub.add_parser("bench", parents=[common], help="end-to-end generation latency table")
-    b.add_argument("--prompt-tokens", type=_positive_int, nargs="+",
+    b.add_argument("--prompt-tokens", type=int, nargs="+",
                    help="prompt lengths (default: 128, or half the context when that is shorter)")
-    b.add_argument("--new-tokens", type=_positive_int,
+    b.add_argument("--new-tokens", type=int,
                    help="tokens per request (default: 64, or what the context leaves after the longest prompt)")
-    b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1])
-    b.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP)
-    b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="requests generated together")
+    b.add_argument("--lmbda", type=float, help=_LMBDA_HELP)
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is shown")
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", parents=[common], help="build, devices and versions")
@@ -145,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise  # the module exists but something it imports is missing: a real error
             continue
         module.register(sub)
+    apply_ranges(parser)
     return parser
 
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from memdec_fast import ranges
+
 
 def _prompts(gen, batch: int, length: int, seed: int) -> list[list[int]]:
     """Random token ids (never EOS), so that every configuration sees the same kind of input."""
@@ -56,6 +58,10 @@ def run_bench(
     list of dict
         batch, prompt_tokens, new_tokens, ttft_ms, decode_ms_per_token, tokens_per_s.
     """
+    for key, values in (("prompt_tokens", prompt_lengths), ("batch_size", batch_sizes), ("new_tokens", [new_tokens]),
+                        ("repeats", [repeats])):
+        for value in values:
+            ranges.check(f"bench.{key}", value)
     rows = []
     for batch in batch_sizes:
         for length in prompt_lengths:

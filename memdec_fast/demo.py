@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add ``demo`` to the ``memdec-fast`` parser."""
     p = subparsers.add_parser("demo", help="the embedded pair next to the base alone: fact completions and PPL")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens per fact completion")
+    p.add_argument("--device", default="cpu", help="e.g. cpu, cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_demo)

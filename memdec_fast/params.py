@@ -10,23 +10,20 @@ import math
 
 import torch
 
+from memdec_fast import ranges
+
 Param = float | int | torch.Tensor
 """A sampling parameter: one Python number for the batch, or a tensor [B]."""
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_MAX = ranges.FLOAT32_MAX
 """The largest temperature: the kernels apply temperatures in float32."""
 
-# name -> (lowest, highest, lowest allowed?, highest allowed?)
+# name -> (lowest, highest, lowest allowed?, highest allowed?), from the one table the command line also reads
 _RANGES = {
-    "lmbda": (0.0, 1.0, True, True),
-    "knn_temp": (0.0, FLOAT32_MAX, False, True),
-    "base_temp": (0.0, FLOAT32_MAX, False, True),
-    "temperature": (0.0, FLOAT32_MAX, True, True),
-    "top_k": (0, math.inf, True, False),
-    "top_p": (0.0, 1.0, False, True),
-    "min_p": (0.0, 1.0, True, True),
+    name: (r.low, r.high, not (r.low_open or math.isinf(r.low)), not (r.high_open or math.isinf(r.high)))
+    for name, r in ranges.SAMPLING.items()
 }
 
 

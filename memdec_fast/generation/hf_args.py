@@ -8,6 +8,8 @@ argument raises a TypeError that says what to use instead.
 
 from __future__ import annotations
 
+from memdec_fast import ranges
+
 DEFAULT_MAX_NEW_TOKENS = 32
 
 _INSTEAD = {
@@ -76,8 +78,7 @@ def resolve_temperature(temperature, do_sample: bool | None):
 
 
 def check_repetition_penalty(penalty: float) -> float:
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < float("inf"):
-        raise ValueError(f"repetition_penalty: expected a number > 0, got {penalty!r}")
+    ranges.check("generate.repetition_penalty", penalty)
     return float(penalty)
 
 

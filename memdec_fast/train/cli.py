@@ -9,6 +9,7 @@ Subcommands, in pipeline order::
     memdec-fast train compare   [--base B --memory M --datastore DS --text HELDOUT.txt [--tune-text VAL.txt]]
     memdec-fast train demo-pair [--out DIR]                                  (regenerate the demo)
 
+Numeric flags take their ranges from :data:`memdec_fast.ranges.FLAGS` (the trainers check the same entries).
 Errors (a refused --out, a corrupt meta.json, a block longer than the base's
 context) are ValueErrors: ``memdec-fast`` prints them as one line and exits 2.
 """
@@ -23,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from memdec_fast.cli import HelpFormatter, _positive_float, _positive_int
+from memdec_fast.cli import HelpFormatter
 
 __all__ = ["register"]
 
@@ -143,17 +144,17 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into an --out holding files the trainer did not write (they are kept)")
     p.add_argument("--tune-text", help="validation text, one document per line: lmbda (and knn_temp) are chosen on "
-                   "it and written to OUT/memdec_config.json (without it: lmbda 0.55, knn_temp 1)")
-    p.add_argument("--knn-temp", type=_positive_float, nargs="+", default=[1.0],
+                   "it and written to OUT/memdec_config.json (default: none, and then lmbda 0.55, knn_temp 1)")
+    p.add_argument("--knn-temp", type=float, nargs="+", default=[1.0],
                    help="memory softmax temperatures to try with --tune-text")
-    p.add_argument("--epochs", type=_positive_int, default=1, help="passes over the datastore")
-    p.add_argument("--batch-size", type=_positive_int,
+    p.add_argument("--epochs", type=int, default=1, help="passes over the datastore")
+    p.add_argument("--batch-size", type=int,
                    help="blocks (decoder, default 8) or keys (mlp, default 1024) per step")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW peak learning rate, decayed linearly to 0")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate, decayed linearly to 0")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
-    p.add_argument("--grad-clip", type=_positive_float, default=1.0, help="max gradient norm")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of KL(p_kNN || p_mem); 1 - alpha for CE")
-    p.add_argument("--save-every", type=_positive_int, default=200, help="steps between checkpoints")
+    p.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0, help="example order and initialisation")
     p.add_argument("--work-dir", help="checkpoint directory, kept (default: OUT/checkpoint, whose checkpoint file is "
                    "removed when done)")
@@ -177,15 +178,15 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a datastore of another corpus, base or block size, or one with a corrupt meta.json")
     p.add_argument("--block-size", type=int, default=128, help="tokens per block (at most the base's context)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="blocks per forward")
+    p.add_argument("--batch-size", type=int, default=16, help="blocks per forward")
     p.add_argument("--device", default="cpu", help="e.g. cpu, cuda")
     p.set_defaults(func=cmd_datastore)
 
     p = step("targets", "sparse kNN target distributions for every key")
     p.add_argument("--datastore", required=True, help="a datastore built by `train datastore`")
-    p.add_argument("--k", type=_positive_int, default=1024, help="neighbours per key")
-    p.add_argument("--temperature", type=_positive_float, default=16.0, help="p_kNN = softmax(-d / temperature)")
-    p.add_argument("--width", type=_positive_int, default=64, help="tokens kept per row")
+    p.add_argument("--k", type=int, default=1024, help="neighbours per key")
+    p.add_argument("--temperature", type=float, default=16.0, help="p_kNN = softmax(-d / temperature)")
+    p.add_argument("--width", type=int, default=64, help="tokens kept per row")
     p.add_argument("--exact-max", type=int, default=200_000, help="largest datastore searched exactly")
     p.set_defaults(func=cmd_targets)
 
@@ -200,25 +201,26 @@ def register(subparsers) -> None:
     p.add_argument("--datastore", required=True, help="a datastore with kNN targets")
     p.add_argument("--base", help="base directory: tokenizer, ln_f / lm_head initialisation, and tuning (default "
                    "for tuning: the base recorded in the datastore)")
-    p.add_argument("--n-layer", type=_positive_int, default=4, help="MLP blocks")
-    p.add_argument("--n-embd", type=_positive_int, help="width of the MLP stack (default: the base's hidden size)")
+    p.add_argument("--n-layer", type=int, default=4, help="MLP blocks")
+    p.add_argument("--n-embd", type=int, help="width of the MLP stack (default: the base's hidden size)")
     p.add_argument("--activation", default="gelu_new", help="transformers activation name")
     _add_training_options(p)
     p.set_defaults(func=cmd_mlp)
 
     p = step("compare", "base vs kNN-LM vs Memory Decoder: PPL and ms/token (default: demo pair)")
-    p.add_argument("--base", help="the base LM's directory")
-    p.add_argument("--memory", help="the Memory Decoder's directory")
-    p.add_argument("--datastore", help="the base's datastore over the memory's corpus")
-    p.add_argument("--text", help="held-out text file, one document per line")
+    p.add_argument("--base", help="the base LM's directory (default: the demo pair's, built on the fly)")
+    p.add_argument("--memory", help="the Memory Decoder's directory (default: the demo pair's)")
+    p.add_argument("--datastore", help="the base's datastore over the memory's corpus (default: the demo's)")
+    p.add_argument("--text", help="held-out text file, one document per line (default: the demo's held-out text)")
     p.add_argument("--tune-text", help="text to choose lmbdas on: the kNN-LM's (else --knn-lmbda), and the memory's, "
-                   "written to MEMORY/memdec_config.json (else the memory's memdec_config.json is used)")
-    p.add_argument("--k", type=_positive_int, default=1024, help="kNN-LM neighbours")
-    p.add_argument("--temperature", type=_positive_float, default=16.0, help="kNN-LM softmax temperature")
+                   "written to MEMORY/memdec_config.json (default: none, and the memory's memdec_config.json is used)")
+    p.add_argument("--k", type=int, default=1024, help="kNN-LM neighbours")
+    p.add_argument("--temperature", type=float, default=16.0, help="kNN-LM softmax temperature")
     p.add_argument("--knn-lmbda", type=float, help="kNN-LM weight without --tune-text (default: 0.25)")
-    p.add_argument("--new-tokens", type=_positive_int, default=32, help="tokens generated per latency run")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per latency run")
     p.add_argument("--work-dir", help="demo only: where to build the demo datastore (default: a temporary one)")
-    p.add_argument("--save", help="also write the result, with date, versions and git commit, to this JSON file")
+    p.add_argument("--save", help="also write the result, with date, versions and git commit, to this JSON file "
+                   "(default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_compare)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from memdec_fast import ops
+from memdec_fast import ops, ranges
 from memdec_fast.models.checkpoint import read_mixing
 from memdec_fast.train.datastore import Datastore
 from memdec_fast.train.evaluate import as_lines, best_lmbda, mixture_ppl, windowed_logprobs
@@ -112,6 +112,10 @@ def compare(
     from memdec_fast.eval_data import load_tokens
     from memdec_fast.ppl import perplexity
 
+    for name, value in (("k", k), ("temperature", temperature), ("new_tokens", new_tokens)):
+        ranges.check(f"compare.{name}", value)
+    if knn_lmbda is not None:
+        ranges.check("compare.knn_lmbda", knn_lmbda)
     if not texts:
         raise ValueError("no held-out text to score")
     base, memory, tok = load_lm(base_dir), load_lm(memory_dir), load_tokenizer(base_dir)

@@ -28,6 +28,7 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
+from memdec_fast import ranges
 from memdec_fast.models.checkpoint import read_json
 from memdec_fast.models.runners import mlp_blocks
 from memdec_fast.train.files import write_json_atomic
@@ -221,8 +222,8 @@ def build_datastore(
     (n_keys, hidden_size)
     """
     out = Path(out_dir)
-    if block_size < 2:
-        raise ValueError(f"block_size must be at least 2, got {block_size}")
+    ranges.check("datastore.block_size", block_size)
+    ranges.check("datastore.batch_size", batch_size)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
     meta_file = out / "meta.json"

@@ -13,7 +13,7 @@ from memdec_fast.train.datastore import Datastore
 from memdec_fast.train.files import check_output_dir, remove_own
 from memdec_fast.train.loop import TrainConfig, train
 from memdec_fast.train.loss import memory_loss
-from memdec_fast.train.mixing import finish_memory
+from memdec_fast.train.mixing import check_knn_temps, finish_memory
 from memdec_fast.train.models import load_lm, load_tokenizer
 from memdec_fast.train.targets import KnnTargets
 
@@ -94,6 +94,7 @@ def train_memory_decoder(
     >>> train_memory_decoder("ds/", "base/", "memory/", TrainConfig(epochs=3))  # doctest: +SKIP
     """
     cfg = config or TrainConfig()
+    check_knn_temps(knn_temps)
     out = Path(out_dir)
     check_output_dir(out, CHECKPOINT_FILES, overwrite)
     ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)

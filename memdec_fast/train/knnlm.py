@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec_fast import ops
+from memdec_fast import ops, ranges
 from memdec_fast.train.datastore import Datastore, last_mlp_inputs
 from memdec_fast.train.index import EXACT_MAX, build_index, load_index, save_index, search
 from memdec_fast.train.models import Model, forward_cached, load_lm
@@ -48,10 +48,10 @@ class KNNLM:
 
     def __init__(self, base: str | Path | Model, datastore: str | Path | Datastore, k: int = 1024,
                  temperature: float = 16.0, lmbda: float = 0.25, exact_max: int = EXACT_MAX):
+        for name, value in (("k", k), ("temperature", temperature), ("knn_lmbda", lmbda), ("exact_max", exact_max)):
+            ranges.check(f"compare.{name}" if name != "exact_max" else "targets.exact_max", value)
         self.model = load_lm(base) if isinstance(base, (str, Path)) else base.eval()
         self.ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
-        if not 0 <= lmbda <= 1 or temperature <= 0 or k < 1:
-            raise ValueError(f"need 0 <= lmbda <= 1, temperature > 0 and k >= 1; got {lmbda}, {temperature}, {k}")
         self.k, self.temperature, self.lmbda = min(k, self.ds.keys.shape[0]), temperature, lmbda
         self.vocab_size = int(self.ds.meta["vocab_size"])
         self.values = torch.from_numpy(np.array(self.ds.values))

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from memdec_fast import ranges
+
 __all__ = ["TrainConfig", "train"]
 
 
@@ -36,6 +38,10 @@ class TrainConfig:
     alpha: float = 0.5
     save_every: int = 200
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lr", "warmup_steps", "grad_clip", "alpha", "save_every", "seed"):
+            ranges.check(f"train.{name}", getattr(self, name), name)
 
 
 def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:

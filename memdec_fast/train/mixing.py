@@ -13,12 +13,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from memdec_fast import ranges
 from memdec_fast.models.checkpoint import DEFAULT_MIXING, MIXING_FILE
 from memdec_fast.train.datastore import Datastore
 from memdec_fast.train.evaluate import LMBDA_GRID, as_lines
 from memdec_fast.train.files import write_json_atomic
 
-__all__ = ["datastore_base", "finish_memory", "tune_mixing", "write_mixing"]
+__all__ = ["check_knn_temps", "datastore_base", "finish_memory", "tune_mixing", "write_mixing"]
+
+
+def check_knn_temps(knn_temps: Sequence[float]) -> None:
+    """The temperatures to tune with must be ones the mixing ops take; checked before training, not after it."""
+    if not knn_temps:
+        raise ValueError("knn_temp: give at least one temperature to try")
+    for temp in knn_temps:
+        ranges.check("train.knn_temp", temp, "knn_temp")
 
 
 def tune_mixing(base: str | Path, memory: str | Path, texts: list[str], knn_temps: Sequence[float] = (1.0,),

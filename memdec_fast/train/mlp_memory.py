@@ -29,11 +29,12 @@ from transformers import GPT2Config
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
+from memdec_fast import ranges
 from memdec_fast.train.datastore import Datastore
 from memdec_fast.train.files import check_output_dir, remove_own
 from memdec_fast.train.loop import TrainConfig, train
 from memdec_fast.train.loss import memory_loss
-from memdec_fast.train.mixing import finish_memory
+from memdec_fast.train.mixing import check_knn_temps, finish_memory
 from memdec_fast.train.models import load_lm, load_tokenizer
 from memdec_fast.train.targets import KnnTargets
 
@@ -168,6 +169,10 @@ def train_mlp_memory(
     >>> train_mlp_memory("ds/", "mlp_memory/", base="base/", n_layer=4)  # doctest: +SKIP
     """
     cfg = config or TrainConfig(batch_size=1024)
+    ranges.check("mlp.n_layer", n_layer)
+    if n_embd is not None:
+        ranges.check("mlp.n_embd", n_embd)
+    check_knn_temps(knn_temps)
     out = Path(out_dir)
     check_output_dir(out, CHECKPOINT_FILES, overwrite)
     ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)

@@ -22,6 +22,7 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
+from memdec_fast import ranges
 from memdec_fast.models.checkpoint import read_json
 from memdec_fast.train.datastore import Datastore
 from memdec_fast.train.files import write_json_atomic
@@ -136,12 +137,12 @@ def build_knn_targets(
     >>> t = build_knn_targets("ds/", k=1024)  # doctest: +SKIP
     >>> t.probs.sum(1)  # ones
     """
+    for name, value in (("k", k), ("temperature", temperature), ("width", width), ("exact_max", exact_max)):
+        ranges.check(f"targets.{name}", value)
     ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
     n = ds.keys.shape[0]
     if n < 2:
         raise ValueError("a datastore needs at least 2 keys for kNN targets")
-    if k < 1 or width < 1 or temperature <= 0:
-        raise ValueError(f"need k >= 1, width >= 1 and temperature > 0; got {k}, {width}, {temperature}")
     k = min(k, n - 1)
     vocab = int(ds.meta["vocab_size"])
     width = min(width, vocab)
