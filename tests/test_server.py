@@ -31,7 +31,7 @@ httpx = pytest.importorskip("httpx")
 import uvicorn
 
 import memdec_fast
-from memdec_fast.engine.types import EngineClosed, EngineOverloaded, RequestFailed, StreamDelta
+from memdec_fast.engine.types import EngineClosed, EngineOverloaded, InvalidArgument, RequestFailed, StreamDelta
 from memdec_fast.server.app import build_app
 from memdec_fast.server.cli import _bind
 
@@ -117,11 +117,11 @@ class FakeEngine:
             raise EngineClosed("closed")
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise ValueError("prompts[0]: empty prompt (it encodes to no tokens)")
+            raise InvalidArgument("prompt", "empty prompt (it encodes to no tokens)")
         if sampling.get("temperature", 0) > 100:
-            raise ValueError(f"temperature: {sampling['temperature']} is too hot for the fake")
+            raise InvalidArgument("temperature", f"{sampling['temperature']} is too hot for the fake")
         if len(ids) + max_new_tokens - 1 > self.max_context:
-            raise ValueError(f"prompt too long: {len(ids)} prompt tokens + max_new_tokens={max_new_tokens} ...")
+            raise InvalidArgument("prompt", f"too long: {len(ids)} prompt tokens + max_new_tokens={max_new_tokens} ...")
         if self.active >= self.max_batch + self.max_queue:
             raise EngineOverloaded("queue full")
         self.active += 1

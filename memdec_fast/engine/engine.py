@@ -253,8 +253,10 @@ class Engine:
             check_request(s["max_new_tokens"], None)
         with _blame("seed"):
             check_request(1, s["seed"])
-        with _blame("prompt"):
+        try:
             check_prompt_length(len(ids), s["max_new_tokens"], self.max_context)
+        except ValueError as err:
+            raise InvalidArgument("prompt", str(err).removeprefix("prompt ")) from None
         gen = self.generator
         values = {"lmbda": gen.lmbda if s["lmbda"] is None else s["lmbda"], "knn_temp": gen.knn_temp,
                   "base_temp": gen.base_temp, **{k: s[k] for k in ("temperature", "top_k", "top_p", "min_p")}}

@@ -22,6 +22,7 @@ outside the graph, so that it draws exactly what it would draw alone in JointGen
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -52,6 +53,36 @@ def unsupported_model(base: object, memory: object) -> str | None:
     return None
 
 
+def cache_bytes(runners: list[LeanRunner], slots: int, length: int) -> int:
+    """Bytes of the slot caches of `runners`: per block, k and v [slots, Hkv, length, Dh]."""
+    total = 0
+    for r in runners:
+        model = r.model
+        elements = math.prod(model.kv_shape(slots, length))
+        total += 2 * len(model.attention_blocks()) * elements * next(model.parameters()).element_size()
+    return total
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: no check
+        return 1 << 62
+
+
+def check_cache_fits(runners: list[LeanRunner], slots: int, length: int, device: torch.device) -> None:
+    """ValueError naming the sizes when the caches would not fit in memory: refuse before the allocator (or the
+    OOM killer, which may pick another process) decides."""
+    need, free = cache_bytes(runners, slots, length), available_bytes(device)
+    if need > free:
+        raise ValueError(f"the KV caches of {slots} slots x {length} positions need {need / 2**30:.1f} GiB, but "
+                         f"{free / 2**30:.1f} GiB are available on {device}: lower --max-batch or --max-context")
+
+
 class ModelStep:
     """Slot caches, static step buffers and (on CUDA) the decode graphs of one base and memory.
 
@@ -77,6 +108,7 @@ class ModelStep:
         self.runners = [base] + ([memory] if self.decoder else [])
         self.reference = reference or not ops.compiled_available()
         self.on_device_rng = self.device.type == "cuda" and not self.reference
+        check_cache_fits(self.runners, max_batch, context + 1, self.device)
         self.caches = [r.new_slot_caches(max_batch, context + 1) for r in self.runners]  # slot `context`: scratch
         self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] fed tokens
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] their positions

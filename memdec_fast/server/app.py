@@ -10,16 +10,20 @@ import asyncio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from memdec_fast.server import MAX_BODY_BYTES
 from memdec_fast.server.metrics import ServerMetrics
 from memdec_fast.server.protocol import CompletionRequest, ModelCard, ModelList
-from memdec_fast.server.serving import ApiError, CompletionServing, api_error, bad_request
+from memdec_fast.server.serving import ApiError, CompletionServing, api_error, bad_request, outcome_of
 
-_STATUS_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+_STATUS_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                 415: "invalid_request_error"}
 
 
-def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | None = None) -> FastAPI:
+def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """A FastAPI app serving `engine`; the caller starts and closes the engine.
 
     Set ``app.state.draining = True`` to answer new completions (and /health)
@@ -30,6 +34,7 @@ def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | 
     engine : memdec_fast.engine.Engine, or anything with its stream / tokenizer / num_waiting / num_running
     model_name : str, the `model` clients must send
     metrics : ServerMetrics, default one reading the engine's queue and batch gauges
+    max_body_bytes : int, the largest request body (413 beyond)
 
     Returns
     -------
@@ -45,28 +50,36 @@ def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | 
     app.state.serving = serving
     app.state.draining = False
 
+    def refuse(raw: Request, err: ApiError) -> JSONResponse:
+        """Every refused or failed completion request is counted here, once."""
+        if raw.url.path == "/v1/completions" and not err.counted:
+            err.counted = True
+            serving.metrics.request_done(outcome_of(err))
+        return _api_error_response(err)
+
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+    async def _api_error(raw: Request, err: ApiError) -> JSONResponse:
+        return refuse(raw, err)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        serving.metrics.request_done("bad_request")
-        return _api_error_response(_validation_error(err))
+    async def _invalid(raw: Request, err: RequestValidationError) -> JSONResponse:
+        return refuse(raw, _validation_error(err.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def _http(raw: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = _STATUS_TYPES.get(err.status_code, "invalid_request_error" if err.status_code < 500 else "server_error")
-        return _api_error_response(ApiError(err.status_code, str(err.detail), kind))
+        return refuse(raw, ApiError(err.status_code, str(err.detail), kind))
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, err: Exception) -> JSONResponse:
-        return _api_error_response(api_error(err))
+    async def _internal(raw: Request, err: Exception) -> JSONResponse:
+        return refuse(raw, api_error(err))
 
     @app.get("/health")
     async def health() -> Response:
         if app.state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not getattr(engine, "healthy", True):
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
@@ -78,11 +91,11 @@ def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | 
         return PlainTextResponse(serving.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, raw: Request) -> Response:
+    async def completions(raw: Request) -> Response:
         if app.state.draining:
-            serving.metrics.request_done("unavailable")
             raise ApiError(503, "the server is shutting down and accepts no new requests",
                            "service_unavailable_error", code="engine_closed")
+        req = _parse(await _read_body(raw, max_body_bytes))
         if req.stream:
             events = await serving.create(req)
             return StreamingResponse(events, media_type="text/event-stream")
@@ -107,19 +120,53 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+async def _read_body(raw: Request, limit: int) -> bytes:
+    """The body of a JSON request, refused with 415 for another content type and 413 beyond `limit` bytes (as
+    soon as the limit is passed, without reading the rest)."""
+    kind = raw.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"Content-Type: expected application/json, got {kind or 'none'}",
+                       "invalid_request_error", "Content-Type")
+    declared = raw.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in raw.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"body: larger than this server's limit of {limit} bytes (--max-body-bytes)",
+                    "invalid_request_error", "body")
+
+
+def _parse(body: bytes) -> CompletionRequest:
+    if not body.strip():
+        raise bad_request("body: empty; expected a JSON object", "body")
+    try:
+        return CompletionRequest.model_validate_json(body)
+    except ValidationError as err:
+        raise _validation_error(err.errors()) from None
+
+
 def _api_error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def _validation_error(err: RequestValidationError) -> ApiError:
+def _validation_error(errors: list) -> ApiError:
     """The first pydantic error as one line naming the field, e.g. "max_tokens: Input should be ..."."""
-    first = err.errors()[0] if err.errors() else {}
+    first = errors[0] if errors else {}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     # a union (prompt, stop) reports each member's failure; its first path element is the field
     param = loc[0] if loc else None
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
-        return bad_request(f"body: invalid JSON ({first.get('ctx', {}).get('error', msg)})", None)
+        return bad_request(f"body: invalid JSON ({first.get('ctx', {}).get('error', msg)})", "body")
+    if first.get("type") == "model_type":
+        return bad_request("body: expected a JSON object", "body")
     if first.get("type") == "missing":
         return bad_request(f"{param}: field required", param)
     where = ".".join(loc[:1] + [x for x in loc[1:] if x.isdigit()])

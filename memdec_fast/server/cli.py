@@ -19,6 +19,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from memdec_fast.server import MAX_BODY_BYTES
+
 __all__ = ["cmd_serve", "register"]
 
 
@@ -38,7 +40,7 @@ def register(subparsers) -> None:
                                           "Needs the serve extra: pip install 'memdec_fast[serve]'.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=_port, default=8000, help="TCP port; 0 picks a free one")
-    p.add_argument("--served-model-name", default="memdec-fast", help="the `model` clients send")
+    p.add_argument("--served-model-name", type=_name, default="memdec-fast", help="the `model` clients send")
     p.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP + "; a request may send its own")
     p.add_argument("--knn-temp", type=_positive_float, help=_KNN_TEMP_HELP)
     p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together")
@@ -50,10 +52,18 @@ def register(subparsers) -> None:
     p.add_argument("--max-context", type=_positive_int,
                    help="positions per request and cache slot (default: the models' context); caps the caches, "
                         "which hold max-batch x max-context positions per model")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES,
+                   help="the largest request body; larger ones get 413 before they are read")
     p.add_argument("--drain-timeout", type=_non_negative, default=30.0,
                    help="seconds the requests in flight get to finish after SIGTERM")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     p.set_defaults(func=cmd_serve)
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _non_negative(text: str) -> float:
@@ -101,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from memdec_fast.server.app import build_app
 
-    app = build_app(engine, args.served_model_name)
+    app = build_app(engine, args.served_model_name, max_body_bytes=args.max_body_bytes)
     config = uvicorn.Config(app, log_level=args.log_level, lifespan="off", timeout_graceful_shutdown=args.drain_timeout + 5)
     server = uvicorn.Server(config)
     failure: list[BaseException] = []
@@ -114,20 +124,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine.start()
     closer: threading.Thread | None = None
+    signals = 0
+
+    def close_then_exit(timeout: float) -> None:
+        engine.close(timeout=timeout)
+        server.should_exit = True  # only now: until the engine is done, new connections get the documented 503
 
     def drain(signum: int, _frame) -> None:
-        nonlocal closer
-        if closer is not None:  # a second signal: stop now
+        nonlocal closer, signals
+        signals += 1
+        name = signal.Signals(signum).name
+        if signals == 1:
+            print(f"memdec-fast serve: {name}, draining (up to {args.drain_timeout:g} s)", file=sys.stderr, flush=True)
+            app.state.draining = True
+            # the engine finishes the running and waiting requests within the deadline and fails the rest, while
+            # the server keeps answering: the streams end with [DONE], new requests get 503
+            closer = threading.Thread(target=close_then_exit, args=(args.drain_timeout,), daemon=True)
+            closer.start()
+        elif signals == 2:
+            print(f"memdec-fast serve: {name} again, stopping now: open requests get an error", file=sys.stderr,
+                  flush=True)
+            threading.Thread(target=close_then_exit, args=(0,), daemon=True).start()
+        else:
             server.force_exit = True
-            return
-        print(f"memdec-fast serve: {signal.Signals(signum).name}, draining (up to {args.drain_timeout:g} s)",
-              file=sys.stderr, flush=True)
-        app.state.draining = True
-        # the engine refuses new requests, finishes the running ones within the deadline and cancels the rest,
-        # while uvicorn stops listening and waits for the responses in flight
-        closer = threading.Thread(target=engine.close, kwargs={"timeout": args.drain_timeout}, daemon=True)
-        closer.start()
-        server.should_exit = True
 
     old = {s: signal.signal(s, drain) for s in (signal.SIGTERM, signal.SIGINT)}
     thread = threading.Thread(target=run, name="uvicorn")

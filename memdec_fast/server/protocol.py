@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from memdec_fast.generation.requests import MAX_SEED, MAX_STOP_IDS, MAX_STOP_LENGTH, MAX_STOP_STRINGS
+from memdec_fast.params import FLOAT32_MAX
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature=0 for greedy decoding
 MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs`
+INT64_MAX = 2**63 - 1
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
+
+# Strict: JSON true is not the number 1, "yes" is not a bool, and numbers beyond what the kernels take (float32
+# temperatures, int64 ids) or not numbers at all (NaN, Infinity) are refused here, naming the field.
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
 
 
@@ -32,20 +44,20 @@ class CompletionRequest(BaseModel):
     server's).
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
     model: str
     prompt: Prompt
-    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
-    temperature: float | None = Field(default=DEFAULT_TEMPERATURE, ge=0.0)
+    max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(default=DEFAULT_TEMPERATURE, ge=0.0, le=FLOAT32_MAX)
     top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
-    best_of: int | None = None
+    n: int | None = Field(default=1, ge=-INT64_MAX, le=INT64_MAX)
+    best_of: int | None = Field(default=None, ge=-INT64_MAX, le=INT64_MAX)
     echo: bool | None = False
     suffix: str | None = None
     presence_penalty: float | None = 0.0
@@ -53,9 +65,9 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # extensions (vLLM's names)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT64_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_IDS)] | None = None
     lmbda: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @field_validator("prompt")

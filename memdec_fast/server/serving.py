@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from memdec_fast.engine.types import EngineClosed, EngineOverloaded, RequestFailed, StreamDelta
+from memdec_fast.engine.types import EngineClosed, EngineOverloaded, InvalidArgument, RequestFailed, StreamDelta
 from memdec_fast.server.metrics import ServerMetrics
 from memdec_fast.server.protocol import (
     CompletionChoice,
@@ -33,9 +32,7 @@ from memdec_fast.server.protocol import (
 logger = logging.getLogger("memdec_fast.server")
 
 _FINISH = {"length": "length", "stop": "stop", "eos": "stop"}  # the engine's reasons -> OpenAI's
-_ENGINE_TO_HTTP = {"max_new_tokens": "max_tokens", "prompts": "prompt", "prompt": "prompt", "input_ids": "prompt",
-                   "stop": "stop"}
-_FIELD = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)(\[\d+\])?\s*:")
+_ENGINE_TO_HTTP = {"max_new_tokens": "max_tokens"}  # the engine's argument names that differ from OpenAI's
 
 
 class ApiError(Exception):
@@ -45,6 +42,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        self.counted = False  # set once the request's outcome is in the metrics
 
     def body(self) -> dict:
         return ErrorResponse(error=self.info).model_dump()
@@ -54,10 +52,17 @@ def bad_request(message: str, param: str | None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param)
 
 
-def api_error(err: BaseException) -> ApiError:
-    """The HTTP answer to an exception raised by the engine (never its traceback)."""
+def api_error(err: BaseException, prompt_index: int | None = None) -> ApiError:
+    """The HTTP answer to an exception raised by the engine (never its traceback).
+
+    prompt_index: which prompt of a batch the engine request was, to name it in "prompt[i]: ..."."""
     if isinstance(err, ApiError):
         return err
+    if isinstance(err, InvalidArgument):
+        param = _ENGINE_TO_HTTP.get(err.param, err.param)
+        where = f"{param}[{prompt_index}]" if param == "prompt" and prompt_index is not None else param
+        detail = _one_line_text(err.detail).replace("max_new_tokens", "max_tokens")  # the engine's name -> OpenAI's
+        return bad_request(f"{where}: {detail}", param)
     if isinstance(err, EngineOverloaded):
         return ApiError(429, f"the server is overloaded, retry later ({_one_line(err) or 'queue full'})",
                         "rate_limit_error", code="engine_overloaded")
@@ -67,29 +72,27 @@ def api_error(err: BaseException) -> ApiError:
     if isinstance(err, RequestFailed):
         return ApiError(500, f"the request failed while generating: {_one_line(err) or 'no detail'}", "server_error",
                         code="request_failed")
-    if isinstance(err, ValueError):
-        message = _one_line(err).replace("max_new_tokens", "max_tokens")
-        if message.startswith("prompt too long"):
-            return bad_request(message, "prompt")
-        m = _FIELD.match(message)
-        name = m.group(1) if m else None
-        return bad_request(message, _ENGINE_TO_HTTP.get(name, name))
+    if isinstance(err, ValueError):  # an engine that does not name the argument
+        return bad_request(_one_line(err), None)
     logger.error("internal error", exc_info=err)
     return ApiError(500, "internal server error", "server_error", code="internal_error")
 
 
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+    return _one_line_text(str(err))
 
 
-def _outcome(err: BaseException) -> str:
-    if isinstance(err, ValueError):
-        return "bad_request"
-    if isinstance(err, EngineOverloaded):
-        return "overloaded"
-    if isinstance(err, EngineClosed):
-        return "unavailable"
-    return "failed"
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+_OUTCOMES = {400: "bad_request", 404: "bad_request", 413: "bad_request", 415: "bad_request", 429: "overloaded",
+             503: "unavailable"}
+
+
+def outcome_of(err: BaseException) -> str:
+    """The metrics outcome of a request that ended with `err`."""
+    return _OUTCOMES.get(api_error(err).status if isinstance(err, Exception) else 500, "failed")
 
 
 @dataclass
@@ -137,7 +140,7 @@ class CompletionServing:
             raise ApiError(404, f"model: {req.model!r} is not served here; this server serves {self.model_name!r}",
                            "invalid_request_error", "model", "model_not_found")
         cid = f"cmpl-{uuid.uuid4().hex}"
-        streams = self._open(req, cid)  # may raise ApiError; nothing is left running then
+        streams = await self._open(req, cid)  # may raise ApiError; nothing is left running then
         if req.stream:
             # the pumps start with the body: a body never sent drops the streams, and the engine cancels them
             return self._sse(req, cid, streams, t0)
@@ -149,18 +152,30 @@ class CompletionServing:
 
     # -- engine side ----------------------------------------------------------------------------
 
-    def _open(self, req: CompletionRequest, cid: str) -> list:
-        sampling = req.sampling()
-        streams = []
+    async def _open(self, req: CompletionRequest, cid: str) -> list:
+        """One engine stream per prompt. Prompts are checked and tokenised in a worker thread: a long one
+        delays neither the event loop nor anyone else's request."""
+        prompts, sampling = req.prompts(), req.sampling()
+        most = getattr(self.engine, "max_batch", 0) + getattr(self.engine, "max_queue", 0)
+        if most and len(prompts) > most:
+            raise bad_request(f"prompt: {len(prompts)} prompts in one request; this server runs at most {most} "
+                              f"(--max-batch + --max-queue)", "prompt")
+        streams: list = []
+
+        def open_all() -> None:
+            for i, prompt in enumerate(prompts):
+                try:
+                    streams.append(self.engine.stream(prompt, request_id=f"{cid}-{i}", **sampling))
+                except Exception as err:  # noqa: BLE001 (api_error maps it; unknown ones become a 500 and a log line)
+                    raise api_error(err, i if len(prompts) > 1 else None) from None
+
         try:
-            for i, prompt in enumerate(req.prompts()):
-                streams.append(self.engine.stream(prompt, request_id=f"{cid}-{i}", **sampling))
-        except Exception as err:  # noqa: BLE001 (api_error maps it; unknown ones become a 500 and a log line)
+            await asyncio.to_thread(open_all)
+        except BaseException:
             for s in streams:
                 self._spawn(_aclose(s))
                 self.metrics.request_done("cancelled")
-            self.metrics.request_done(_outcome(err))
-            raise api_error(err) from None
+            raise
         return streams
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -193,7 +208,7 @@ class CompletionServing:
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 (handed to the response, which maps it)
-            outcome = _outcome(err)
+            outcome = outcome_of(err)
             queue.put_nowait((index, err))
         finally:
             await _aclose(stream)
@@ -213,8 +228,11 @@ class CompletionServing:
         if req.logprobs is None:
             return None
         lp = Logprobs(top_logprobs=[] if req.logprobs else None)
-        for t, p in zip(delta.token_ids, delta.logprobs):
-            piece = self.engine.tokenizer.decode([t])
+        # a token's text is what it added to the response's text, so that tokens and offsets agree with `text`:
+        # the engine sends one token per delta, and a token that ends a character split over several, or a
+        # stop string's prefix held back, carries the held text
+        for j, p in enumerate(delta.logprobs):
+            piece = delta.text if j == 0 else ""
             lp.tokens.append(piece)
             lp.token_logprobs.append(p)
             lp.text_offset.append(choice.offset)
@@ -232,7 +250,9 @@ class CompletionServing:
                 if item is None:
                     pending -= 1
                 elif isinstance(item, BaseException):
-                    raise api_error(item)
+                    err = api_error(item)
+                    err.counted = True  # its pump counted it
+                    raise err
                 else:
                     lp = self._apply(req, choices[i], item)
                     if lp is not None:
