@@ -11,12 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 from scipy.stats import chisquare
+from transformers import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from memdec_fast import build_info, ops, reference
 
-pytestmark = pytest.mark.skipif(not ops.compiled_available(), reason="compiled extension not built")
+# Only what needs the kernels skips without the extension: memdec_fast.reference is the fallback users get, and the
+# ops' wrappers then run it, so everything else still runs.
+compiled = pytest.mark.skipif(not ops.compiled_available(), reason="needs the compiled extension")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA copies are always collected, so a CPU run shows how many tests a GPU adds (benchmarks/gpu_check.sh
+# runs them).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="the CUDA copy: needs a GPU"))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -226,20 +238,87 @@ FILTERS = [
 ]
 
 
+def mixture_logp(base: torch.Tensor, mem: torch.Tensor, lmbda: float, knn_temp: float = 1.0,
+                 base_temp: float = 1.0) -> torch.Tensor:
+    """log p of the mixture, float64 [B, V], straight from the formula (not through memdec_fast.reference)."""
+    p_base = torch.softmax(base.double() / base_temp, -1)
+    p_mem = torch.softmax(mem.double() / knn_temp, -1)
+    return ((1 - lmbda) * p_base + lmbda * p_mem).log()
+
+
+def hf_filtered_probs(logp: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      min_p: float = 0.0) -> torch.Tensor:
+    """The distribution HF samples from, float64 [B, V]: its own warpers on `logp` [B, V], in its order.
+
+    The oracle of the reference and of the kernels: it shares no code with either.
+    """
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    if min_p > 0.0:
+        warpers.append(MinPLogitsWarper(min_p))
+    return torch.softmax(warpers(None, logp.double()), -1)
+
+
 def exact_distribution(base, mem, lmbda, **filters) -> torch.Tensor:
-    """The filtered mixture that sampling must follow, float64 [V] (row 0)."""
-    logp = reference.component_logprobs(base[:1], mem[:1], lmbda)[0]
-    return torch.softmax(reference.filtered_logits(logp, **filters), -1)[0].cpu()
+    """The filtered mixture that sampling must follow, float64 [V] (row 0), by the formula and HF's warpers."""
+    return hf_filtered_probs(mixture_logp(base[:1], mem[:1], lmbda), **filters)[0].cpu()
+
+
+def fresh_seed() -> int:
+    seed = int(torch.randint(0, 2**31, ()))
+    print(f"seed {seed}")
+    return seed
+
+
+HF_FILTERS = FILTERS + [
+    {"temperature": 0.7, "top_p": 0.3},
+    {"top_p": 0.999},
+    {"temperature": 1.6, "top_p": 0.95, "min_p": 0.05},
+    {"temperature": 2.5, "top_k": 1},
+    {"top_k": 1003},
+]
+
+
+@pytest.mark.parametrize("filters", HF_FILTERS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_reference_filters_equal_hf_warpers(filters):
+    # fresh float64 log-probs: a tie or a top-p boundary within rounding of the cut has probability ~1e-13 per row
+    g = torch.Generator().manual_seed(fresh_seed())
+    logp = torch.log_softmax(3 * torch.randn(17, 1003, generator=g, dtype=torch.float64), -1)
+    got = torch.softmax(reference.filtered_logits(logp, **filters), -1)
+    want = hf_filtered_probs(logp, **filters)
+    assert torch.equal(got > 0, want > 0), f"kept {(got > 0).sum(-1).tolist()}, HF keeps {(want > 0).sum(-1).tolist()}"
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-9)
+
+
+def test_reference_per_row_filters_equal_hf_row_by_row():
+    rows = [{"temperature": 0.5, "top_p": 0.6}, {"temperature": 1.0, "top_k": 7}, {"temperature": 1.7, "min_p": 0.2},
+            {"temperature": 0.9, "top_k": 40, "top_p": 0.8, "min_p": 0.01}, {"temperature": 1.0}]
+    g = torch.Generator().manual_seed(fresh_seed())
+    logp = torch.log_softmax(2 * torch.randn(len(rows), 301, generator=g, dtype=torch.float64), -1)
+    cols = {k: torch.tensor([float(r.get(k, d)) for r in rows], dtype=torch.float64)
+            for k, d in (("temperature", 1.0), ("top_p", 1.0), ("min_p", 0.0))}
+    cols["top_k"] = torch.tensor([r.get("top_k", 0) for r in rows])
+    got = torch.softmax(reference.filtered_logits(logp, **cols), -1)
+    for i, r in enumerate(rows):
+        want = hf_filtered_probs(logp[i : i + 1], **r)[0]
+        assert torch.equal(got[i] > 0, want > 0), r
+        torch.testing.assert_close(got[i], want, atol=1e-12, rtol=1e-9)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", [ops, reference], ids=["ops", "reference"])
 @pytest.mark.parametrize("filters", FILTERS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
-def test_sampling_follows_exact_distribution(device, filters):
+def test_sampling_follows_exact_distribution(device, impl, filters):
     vocab, draws = 23, 40000
     base, mem = sample_inputs(1, vocab, device, seed=11)
     base, mem = base.expand(draws, vocab), mem.expand(draws, vocab)  # rows draw independently
     gen = torch.Generator(device=device).manual_seed(1234)
-    tokens, logprobs = ops.sample(base, mem, 0.4, generator=gen, **filters)
+    tokens, logprobs = impl.sample(base, mem, 0.4, generator=gen, **filters)
     probs = exact_distribution(base, mem, 0.4, **filters)
     counts = torch.bincount(tokens.cpu(), minlength=vocab).double()
     kept = probs > 0
@@ -247,8 +326,70 @@ def test_sampling_follows_exact_distribution(device, filters):
     stat, pvalue = chisquare(counts[kept].numpy(), (probs[kept] * draws).numpy())
     print(f"kept {int(kept.sum())}/{vocab}, chi2 {stat:.1f}, p {pvalue:.3g}")
     assert pvalue > 1e-5
-    joint = reference.component_logprobs(base[:1], mem[:1], 0.4)[0][0]
+    joint = mixture_logp(base[:1], mem[:1], 0.4)[0]
     torch.testing.assert_close(logprobs.double(), joint[tokens].to(logprobs.device), atol=2e-5, rtol=0)
+
+
+# A vocabulary of three full 4096-token chunks and a partial one ending in a partial 256-token block; the heavy
+# tokens sit on both sides of block and chunk edges, where an off-by-one in the CPU kernel's two-level pick would
+# move their mass.
+BIG_VOCAB = 3 * 4096 + 2 * 256 + 41
+EDGE_TOKENS = [0, 1, 255, 256, 511, 512, 4095, 4096, 4351, 4352, 8191, 8192, 12287, 12288, BIG_VOCAB - 1]
+BIG_FILTERS = [{"temperature": 0.9}, {"top_k": 23}, {"top_p": 0.8, "temperature": 1.1}]
+
+
+def edge_heavy_logits(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, BIG_VOCAB] base and memory logits: noise everywhere, and most of the mass on EDGE_TOKENS."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, BIG_VOCAB, generator=g) - 1.5
+    mem = 1.5 * torch.randn(1, BIG_VOCAB, generator=g) - 2.5
+    base[0, EDGE_TOKENS] += 7.5 + torch.rand(len(EDGE_TOKENS), generator=g)
+    mem[0, EDGE_TOKENS[1::2]] += 9.0 + torch.rand(len(EDGE_TOKENS[1::2]), generator=g)
+    return base, mem
+
+
+def edge_bins(probs: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bin id per token: each edge token alone, the other kept tokens by block; bins expecting < 5 draws merged."""
+    bins = torch.arange(BIG_VOCAB) // 256 + len(EDGE_TOKENS)
+    bins[EDGE_TOKENS] = torch.arange(len(EDGE_TOKENS))
+    expected = torch.zeros(int(bins.max()) + 1, dtype=torch.float64).index_add_(0, bins, probs) * draws
+    small = expected < 5
+    extra = expected[small].sum()
+    # the small ones share one extra bin, or join the largest bin when even together they expect < 5
+    into = len(expected) if extra >= 5 else int(expected.argmax())
+    merged = torch.where(small[bins], torch.full_like(bins, into), bins)
+    out = torch.cat([torch.where(small, 0.0, expected), torch.zeros(1, dtype=torch.float64)])
+    out[into] += extra
+    return merged, out
+
+
+@compiled
+@pytest.mark.parametrize("threads,per_call", [(1, "all"), (2, "all"), (2, 1)], ids=["1-thread", "2-threads-rows",
+                                                                                     "2-threads-split-row"])
+@pytest.mark.parametrize("filters", BIG_FILTERS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_sampling_across_blocks_and_chunks_follows_exact_distribution(threads, per_call, filters):
+    # per_call=1: one row per call on 2 threads, so that the row's chunks are split across the threads
+    draws = 6000 if per_call == "all" else 1000
+    base, mem = edge_heavy_logits(fresh_seed())
+    probs = exact_distribution(base, mem, 0.3, **filters)
+    gen = torch.Generator().manual_seed(fresh_seed())
+
+    def run():
+        if per_call == "all":
+            return ops.sample(base.expand(draws, -1), mem.expand(draws, -1), 0.3, generator=gen, **filters)
+        outs = [ops.sample(base, mem, 0.3, generator=gen, **filters) for _ in range(draws)]
+        return torch.cat([t for t, _ in outs]), torch.cat([lp for _, lp in outs])
+
+    tokens, logprobs = with_threads(threads, run)
+    counts = torch.bincount(tokens, minlength=BIG_VOCAB).double()
+    assert counts[probs == 0].sum() == 0, "a filtered-out token was drawn"
+    bins, expected = edge_bins(probs, draws)
+    observed = torch.zeros_like(expected).index_add_(0, bins, counts)
+    keep = expected > 0
+    stat, pvalue = chisquare(observed[keep].numpy(), expected[keep].numpy())
+    print(f"kept {int((probs > 0).sum())}/{BIG_VOCAB} tokens in {int(keep.sum())} bins, chi2 {stat:.1f}, p {pvalue:.3g}")
+    assert pvalue > 1e-5
+    torch.testing.assert_close(logprobs.double(), mixture_logp(base, mem, 0.3)[0][tokens], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -318,6 +459,7 @@ def with_threads(n: int, fn):
         torch.set_num_threads(before)
 
 
+@compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,vocab", [(1, 50257), (1, 37), (3, 50257)])
 def test_row_split_across_threads_matches_one_thread(dtype, rows, vocab):
@@ -338,6 +480,7 @@ def test_row_split_across_threads_matches_one_thread(dtype, rows, vocab):
         assert torch.equal(a, b)
 
 
+@compiled
 def test_rows_longer_than_64_chunks():
     # rows of more than 64 x 4096 tokens merge their statistics in several rounds
     base, mem = sample_inputs(2, 300_001, "cpu")
@@ -348,6 +491,7 @@ def test_rows_longer_than_64_chunks():
     assert torch.equal(tokens, joint.argmax(-1))
 
 
+@compiled
 @pytest.mark.parametrize("filters", [{"top_p": 0.3}, {"top_p": 0.9, "temperature": 0.7}, {"top_k": 20, "top_p": 0.8}])
 def test_top_p_on_a_large_vocabulary_keeps_the_nucleus(filters):
     # top-p sorts only the tokens heavy enough to matter; the nucleus must be the same as the reference's
@@ -457,8 +601,11 @@ def test_sample_is_not_differentiable(device):
     lmbda = per_row(3, 0.2, 0.8, device).requires_grad_()
     rp = ops.pack_row_params(3, device, lmbda=lmbda)
     assert rp.requires_grad
-    for tokens, logprobs in (ops.sample(base, mem, lmbda), reference.sample(base, mem, lmbda),
-                             ops.sample_rows(base, mem, rp)):
+    calls = [lambda: ops.sample(base, mem, lmbda), lambda: reference.sample(base, mem, lmbda)]
+    if ops.compiled_available():  # sample_rows is the kernels' entry only
+        calls.append(lambda: ops.sample_rows(base, mem, rp))
+    for call in calls:
+        tokens, logprobs = call()
         assert not tokens.requires_grad and not logprobs.requires_grad
 
 
@@ -540,6 +687,7 @@ def test_bad_tensors_name_the_argument(impl):
         impl.target_logprobs(base, mem, torch.tensor([0]), 0.5)
 
 
+@compiled
 def test_raw_op_checks_scalars_too():
     base, mem = sample_inputs(2, 10, "cpu")
     with pytest.raises(ValueError, match="top_p"):
@@ -565,6 +713,7 @@ def raw_calls(base, mem, row_params=None, targets=None):
     }
 
 
+@compiled
 @pytest.mark.parametrize("op", ["joint_logprobs", "target_logprobs", "sample"])
 @pytest.mark.parametrize("meta", ["base_logits", "mem_logits", "row_params", "targets"])
 def test_meta_tensor_among_real_ones_is_refused(op, meta):
@@ -582,8 +731,9 @@ def test_meta_tensor_among_real_ones_is_refused(op, meta):
 
 def test_meta_inputs_are_refused_by_the_wrappers():
     base, mem = sample_inputs(4, 11, "cpu")
-    with pytest.raises(ValueError, match="row_params"):
-        ops.sample_rows(base, mem, ops.pack_row_params(4, "meta"))
+    if ops.compiled_available():  # sample_rows is the kernels' entry only
+        with pytest.raises(ValueError, match="row_params"):
+            ops.sample_rows(base, mem, ops.pack_row_params(4, "meta"))
     with pytest.raises(ValueError, match="targets"):
         ops.target_logprobs(base, mem, torch.arange(4, device="meta"), 0.5)
     with pytest.raises(ValueError, match="lmbda"):
@@ -592,6 +742,7 @@ def test_meta_inputs_are_refused_by_the_wrappers():
         ops.sample(base, mem.to("meta"), 0.5)
 
 
+@compiled
 def test_all_meta_inputs_give_shapes():
     base, mem = (t.to("meta") for t in sample_inputs(4, 11, "cpu"))
     for name, call in raw_calls(base, mem, ops.pack_row_params(4, "meta")).items():
@@ -604,6 +755,7 @@ def test_all_meta_inputs_give_shapes():
 # ---------------------------------------------------------------- registration
 
 
+@compiled
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     base, mem = sample_inputs(4, 33, device, torch.bfloat16, torch.float32, strided=True)
@@ -620,6 +772,7 @@ def test_opcheck(device):
                           (base, mem, None, 0.3, 1.0, 1.0, 0.0, 0, 1.0, 0.0, None))
 
 
+@compiled
 def test_torch_compile_traces_the_ops():
     base, mem = sample_inputs(3, 50, "cpu")
 
@@ -670,6 +823,7 @@ def test_cuda_agrees_with_cpu(dtype):
     torch.testing.assert_close(gpu[1].cpu(), cpu[1], atol=2e-5, rtol=0)
 
 
+@compiled
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_graph_replays_draw_fresh_numbers():
     base, mem = sample_inputs(256, 1000, "cuda")
@@ -684,6 +838,7 @@ def test_cuda_graph_replays_draw_fresh_numbers():
     assert not torch.equal(first, tokens)
 
 
+@compiled
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("op", ["joint_logprobs", "target_logprobs", "sample"])
 @pytest.mark.parametrize("moved", ["base_logits", "mem_logits", "row_params", "targets"])
