@@ -14,24 +14,24 @@ import time
 
 import httpx
 import pytest
-from test_server import (  # noqa: F401 - fixtures
+import test_server
+from test_server import (
     MODEL,
     TIMEOUT,
     FakeEngine,
     _serve_process,
     assert_error,
     expected,
-    fake,
     metric,
-    pair,
     post,
-    real,
-    reference,
     running_server,
     scrape,
+    start_engine,
 )
 
 from memdec_fast.generation.requests import MAX_STOP_LENGTH, MAX_STOP_STRINGS
+
+pair, real, reference = test_server.pair, test_server.real, test_server.reference  # the server suite's fixtures
 
 GREEDY = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 12, "temperature": 0}
 
@@ -111,8 +111,6 @@ def test_bodies_need_json_and_fit_the_limit(tokenizer):
 def test_a_huge_prompt_is_tokenised_off_the_event_loop(pair, reference):
     """A 3.5 MB prompt (inside the 4 MiB limit) takes seconds to tokenise; meanwhile /health and other requests
     are answered at once."""
-    from test_server import start_engine
-
     engine = start_engine(pair, max_batch=4, max_queue=8)
     try:
         with running_server(engine) as (url, _):
@@ -250,7 +248,7 @@ def test_a_cache_too_large_for_memory_is_refused_with_its_size(pair, tmp_path):
 
     cmd = [sys.executable, "-m", "memdec_fast.server.cli", "serve", "--base", str(pair[0]), "--memory",
            str(pair[1]), "--device", "cpu", "--port", "0", "--max-batch", "100000000"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "GiB are available" in r.stderr, r.stderr
 
