@@ -150,3 +150,34 @@ def test_serve(trained):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert proc.returncode == 0
+
+
+def test_train_compare(trained, tmp_path, capsys):
+    ds = trained["mlp"].parent / "ds"
+    argv = ["train", "compare", "--base", str(BASE), "--memory", str(trained["mlp"]), "--datastore", str(ds),
+            "--text", str(trained["heldout"]), "--k", "8", "--new-tokens", "4", "--json"]
+    assert run(argv) == 0, capsys.readouterr().err
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert set(rows) == {"base", "kNN-LM", "MLP Memory"}
+    gen = JointGenerator.from_pretrained(BASE, trained["mlp"], device="cpu")
+    want = perplexity(gen, None, trained["heldout"], block_size=128, stride=64, progress=False)
+    assert rows["MLP Memory"]["ppl"] == pytest.approx(want.joint_ppl[0.55], rel=1e-4)
+    assert rows["MLP Memory"]["ms_per_token"] > 0
+
+
+def test_compare_times_the_mixture_the_runtime_decodes(trained):
+    import torch
+
+    from memdec_fast.train.compare import _memory_step
+    from memdec_fast.train.models import load_lm
+
+    gen = JointGenerator.from_pretrained(BASE, trained["mlp"], device="cpu")
+    want = gen.generate("Mira Quill lives in", max_new_tokens=6)
+    name, step = _memory_step(load_lm(BASE), trained["mlp"], gen.lmbda, gen.knn_temp)
+    ids = torch.tensor([gen.tokenizer.encode("Mira Quill lives in")])
+    got, past = [], None
+    for _ in range(6):
+        logp, past = step(ids, past)
+        ids = logp.argmax(-1, keepdim=True)
+        got.append(int(ids))
+    assert name == "MLP Memory" and got == want.token_ids[0]

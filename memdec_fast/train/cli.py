@@ -207,9 +207,9 @@ def register(subparsers) -> None:
     _add_training_options(p)
     p.set_defaults(func=cmd_mlp)
 
-    p = step("compare", "base vs kNN-LM vs Memory Decoder: PPL and ms/token (default: demo pair)")
+    p = step("compare", "base vs kNN-LM vs a trained memory: PPL and ms/token (default: demo pair)")
     p.add_argument("--base", help="the base LM's directory (default: the demo pair's, built on the fly)")
-    p.add_argument("--memory", help="the Memory Decoder's directory (default: the demo pair's)")
+    p.add_argument("--memory", help="the memory's directory, a Memory Decoder or an MLP Memory (default: the demo pair's)")
     p.add_argument("--datastore", help="the base's datastore over the memory's corpus (default: the demo's)")
     p.add_argument("--text", help="held-out text file, one document per line (default: the demo's held-out text)")
     p.add_argument("--tune-text", help="text to choose lmbdas on: the kNN-LM's (else --knn-lmbda), and the memory's, "

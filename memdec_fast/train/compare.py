@@ -1,4 +1,4 @@
-"""Base vs kNN-LM vs Memory Decoder on held-out text: perplexity and per-token decoding latency.
+"""Base vs kNN-LM vs a trained memory (Memory Decoder or MLP Memory): perplexity and per-token decoding latency.
 
 Latency is measured the same way for all three: greedy decoding at batch size 1
 with a KV cache, the prompt's prefill excluded, after one warm-up run; the
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from memdec_fast import ops, ranges
-from memdec_fast.models.checkpoint import read_mixing
+from memdec_fast.models.checkpoint import read_json, read_mixing
+from memdec_fast.models.runners import mlp_blocks
 from memdec_fast.train.datastore import Datastore
 from memdec_fast.train.evaluate import as_lines, best_lmbda, mixture_ppl, windowed_logprobs
 from memdec_fast.train.knnlm import KNNLM
@@ -47,6 +48,34 @@ def _joint_step(base: torch.nn.Module, memory: torch.nn.Module, lmbda: float, kn
     return step
 
 
+def _mlp_step(base: torch.nn.Module, memory: torch.nn.Module, layer: int, lmbda: float, knn_temp: float) -> Step:
+    """The base mixed with an MLP Memory, which reads the hidden state entering block `layer`'s MLP."""
+    @torch.inference_mode()
+    def step(ids, past):
+        captured = []
+        hook = lambda _m, args, _out: captured.append(args[0])
+        handle = mlp_blocks(base)[layer].mlp.register_forward_hook(hook)
+        try:
+            ob, cache = forward_cached(base, ids, past)
+        finally:
+            handle.remove()
+        om = memory(captured[0][:, -1])  # [B, V]
+        return ops.joint_logprobs(ob.logits[:, -1].float(), om.float(), lmbda, knn_temp), cache
+    return step
+
+
+def _memory_step(base: torch.nn.Module, memory_dir: str | Path, lmbda: float, knn_temp: float) -> tuple[str, Step]:
+    """(the memory's name in the table, its decoding step): a Memory Decoder or an MLP Memory."""
+    from memdec_fast.models import detect_memory_type
+    from memdec_fast.train.mlp_memory import load_mlp_memory
+
+    if detect_memory_type(memory_dir) == "mlp":
+        config = Path(memory_dir) / "mlp_memory_config.json"
+        layer = int(read_json(config).get("layer_position", -1)) if config.is_file() else -1
+        return "MLP Memory", _mlp_step(base, load_mlp_memory(memory_dir), layer, lmbda, knn_temp)
+    return "Memory Decoder", _joint_step(base, load_lm(memory_dir), lmbda, knn_temp)
+
+
 def ms_per_token(step: Step, prompt: torch.Tensor, new_tokens: int = 32, runs: int = 5) -> float:
     """Median over `runs` (after a warm-up) of the mean milliseconds per greedy token; prompt ids [1, T]."""
     times = []
@@ -76,15 +105,15 @@ def compare(
     new_tokens: int = 32,
     write_mixing: bool = False,
 ) -> dict:
-    """Perplexity on `texts` and decoding latency of the base, the kNN-LM and the Memory Decoder.
+    """Perplexity on `texts` and decoding latency of the base, the kNN-LM and the memory.
 
     Perplexities follow :func:`memdec_fast.ppl.perplexity`'s protocol
-    (the base's and the Memory Decoder's come from it).
+    (the base's and the memory's come from it).
 
     Parameters
     ----------
     base_dir, memory_dir : path
-        The base and the Memory Decoder (its lmbda and knn_temp come from its
+        The base and the memory, a Memory Decoder or an MLP Memory (its lmbda and knn_temp come from its
         memdec_config.json, see :func:`memdec_fast.models.checkpoint.read_mixing`).
     datastore : path or Datastore
         The base's datastore over the memory's training corpus, for the kNN-LM.
@@ -92,9 +121,9 @@ def compare(
         Held-out documents (lines).
     tune_texts : list[str], optional
         Documents to choose the kNN-LM's lmbda on when `knn_lmbda` is None (else 0.25);
-        with `write_mixing`, also the Memory Decoder's lmbda (at its knn_temp).
+        with `write_mixing`, also the memory's lmbda (at its knn_temp).
     write_mixing : bool
-        Write the Memory Decoder's tuned lmbda and knn_temp to its memdec_config.json
+        Write the memory's tuned lmbda and knn_temp to its memdec_config.json
         (only with `tune_texts`).
     k, temperature : kNN-LM search settings.
     block_size, stride : the perplexity windows.
@@ -118,11 +147,10 @@ def compare(
         ranges.check("compare.knn_lmbda", knn_lmbda)
     if not texts:
         raise ValueError("no held-out text to score")
-    base, memory, tok = load_lm(base_dir), load_lm(memory_dir), load_tokenizer(base_dir)
+    base, tok = load_lm(base_dir), load_tokenizer(base_dir)
     mix = read_mixing(memory_dir)
     if write_mixing and tune_texts:
-        mix = tune_mixing(base_dir, memory_dir, tune_texts, (mix["knn_temp"],), block_size=block_size, stride=stride,
-                          memory_type="decoder")
+        mix = tune_mixing(base_dir, memory_dir, tune_texts, (mix["knn_temp"],), block_size=block_size, stride=stride)
         save_mixing(memory_dir, mix["lmbda"], mix["knn_temp"], tuned_on=f"{len(tune_texts)} documents (train compare)",
                     tune_ppl=mix["tune_ppl"])
     knn = KNNLM(base, datastore, k=k, temperature=temperature, lmbda=0.5)
@@ -135,13 +163,14 @@ def compare(
     ppl = perplexity(str(base_dir), str(memory_dir), as_lines(texts), lmbda=mix["lmbda"], knn_temp=mix["knn_temp"],
                      block_size=block_size, stride=stride, device="cpu", progress=False)
     prompt = tokens[None, :16]
+    name, memory_step = _memory_step(base, memory_dir, mix["lmbda"], mix["knn_temp"])
     rows = [
         {"method": "base", "ppl": ppl.base_ppl, "lmbda": 0.0,
          "ms_per_token": ms_per_token(_lm_step(base), prompt, new_tokens)},
         {"method": "kNN-LM", "ppl": mixture_ppl(lp_base, lp_knn, knn_lmbda), "lmbda": knn_lmbda,
          "ms_per_token": ms_per_token(knn.step, prompt, new_tokens)},
-        {"method": "Memory Decoder", "ppl": ppl.joint_ppl[mix["lmbda"]], "lmbda": mix["lmbda"],
-         "ms_per_token": ms_per_token(_joint_step(base, memory, mix["lmbda"], mix["knn_temp"]), prompt, new_tokens)},
+        {"method": name, "ppl": ppl.joint_ppl[mix["lmbda"]], "lmbda": mix["lmbda"],
+         "ms_per_token": ms_per_token(memory_step, prompt, new_tokens)},
     ]
     return {"rows": rows, "tokens_scored": ppl.tokens, "datastore_keys": int(knn.ds.keys.shape[0]),
             "k": knn.k, "knn_temperature": temperature, "memory_knn_temp": mix["knn_temp"],
