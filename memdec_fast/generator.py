@@ -404,7 +404,7 @@ class JointGenerator:
         for _ in steps:
             pass
         for row in out:
-            if row.finish_reason != "stop":
+            if not stop_strings or row.finish_reason != "stop":  # a row cut by a stop string already has its text
                 row.update_text(self.tokenizer, stop_strings)
         return GenerationResult(
             [r.text for r in out], [r.token_ids for r in out], [r.logprobs for r in out], [r.finish_reason for r in out]

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import build_tokenizer, save_gpt2, save_mlp_memory
+from finish_cases import across_tokens, at_last_token, tokenizer_with_eos
 from test_models import hf, mlp_input_hook, mlp_memory_formula
 from transformers import PreTrainedTokenizerFast
 
@@ -99,6 +100,7 @@ def test_eos_and_stop_ids_end_rows_early_and_batch_rows_still_match(gens, tokeni
     for i, toks in enumerate(full.token_ids):
         n = toks.index(stop_id) + 1 if stop_id in toks else len(toks)
         assert res.token_ids[i] == toks[:n]
+        assert res.texts[i] == tokenizer.decode(toks[:n], skip_special_tokens=True)  # not left empty
         # a stop token id reports "stop", as HF and OpenAI do; "eos" is kept for the tokenizer's EOS
         assert res.finish_reasons[i] == ("stop" if stop_id in toks else "length")
         assert gen.generate(PROMPTS[i], max_new_tokens=12, stop=stop_id).token_ids[0] == toks[:n]
@@ -121,6 +123,52 @@ def test_stop_strings_cut_the_text(gens):
     assert res.finish_reasons == ["stop"]
     assert len(res.token_ids[0]) < 16
     assert "".join(gen.stream(PROMPTS[0], max_new_tokens=16, stop=[stop])) == full[:cut]
+
+
+def test_each_stop_condition_at_the_last_token_reports_its_reason(gens):
+    # max_new_tokens is reached by the very token that stops the row: the stop wins, as in HF and vLLM
+    gen = gens["decoder", False]
+    case = at_last_token(gen, PROMPTS)
+    full = gen.generate(case.prompt, max_new_tokens=case.n)
+    assert full.finish_reasons == ["length"]
+    for stop in ([case.stop_id], case.stop_string, ["never appears", case.stop_id]):
+        res = gen.generate(case.prompt, max_new_tokens=case.n, stop=stop)
+        assert res.token_ids == full.token_ids, stop
+        assert res.finish_reasons == ["stop"], stop
+        assert res.texts == ([case.text_before_stop] if stop == case.stop_string else full.texts), stop
+    assert gen.generate(case.prompt, max_new_tokens=case.n, stop=case.stop_string).texts == [case.text_before_stop]
+    eos_gen = JointGenerator(gen.base, gen.memory, tokenizer_with_eos(gen.tokenizer, case.stop_id), lmbda=0.4,
+                             knn_temp=0.8)
+    res = eos_gen.generate(case.prompt, max_new_tokens=case.n)
+    assert res.token_ids == full.token_ids and res.finish_reasons == ["eos"]
+    pieces = list(gen.stream(case.prompt, max_new_tokens=case.n, stop=case.stop_string))
+    assert "".join(pieces) == case.text_before_stop
+
+
+def assert_stream_never_takes_back(pieces: list[str], final: str) -> None:
+    """Every prefix of the stream is a prefix of the final text, and the whole stream is that text."""
+    sent = ""
+    for piece in pieces:
+        sent += piece
+        assert final.startswith(sent), f"streamed {sent!r}, but the text is {final!r}"
+    assert sent == final
+
+
+@pytest.mark.parametrize("width", [2, 3, 5])
+def test_stream_holds_back_a_stop_string_begun_at_the_end_of_a_token(gens, width):
+    # the stop string's first width - 1 characters end a token: streamed at once, they could not be taken back
+    gen = gens["mlp", False]
+    case = across_tokens(gen, PROMPTS, width=width)
+    res = gen.generate(case.prompt, max_new_tokens=16, stop=case.stop)
+    assert res.texts == [case.text_before_stop] and res.finish_reasons == ["stop"]
+    assert len(res.token_ids[0]) == case.at
+    assert_stream_never_takes_back(list(gen.stream(case.prompt, max_new_tokens=16, stop=case.stop)),
+                                   case.text_before_stop)
+    # the same prefix, with a stop that never completes: held back while it might, then sent
+    never = case.stop[:-1] + "\x00"
+    whole = gen.generate(case.prompt, max_new_tokens=case.at, stop=never).texts[0]
+    assert whole.startswith(case.text_before_stop + case.stop)
+    assert_stream_never_takes_back(list(gen.stream(case.prompt, max_new_tokens=case.at, stop=never)), whole)
 
 
 @pytest.mark.parametrize("memory", ["decoder", "mlp"])
