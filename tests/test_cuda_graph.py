@@ -2,7 +2,9 @@
 
 On the CPU, DecodeGraphs(replay=False) runs the very static-buffer step the graph
 captures (padded rows, pooled caches, the parameter table, bucket shrinking),
-and must give the eager path's tokens.
+and must give the eager path's tokens. Over fake CUDA streams and graphs
+(tests/fake_cuda.py), DecodeGraphs(replay=True) runs its capture path too: the
+warm-up and its undoing, the generator registration, the failed-capture fallback.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import types
 
 import pytest
 import torch
+from fake_cuda import FakeCuda
+from finish_cases import tokenizer_with_eos
 from test_generator import finished_row_turns_nan
 
-from memdec_fast import JointGenerator, ops
+from memdec_fast import JointGenerator, ops, reference
 from memdec_fast.generation import cuda_graph
 from memdec_fast.generation.cuda_graph import (
     DecodeGraphs,
@@ -248,6 +252,101 @@ def test_out_of_memory_for_the_caches_decodes_that_request_eagerly(ckpts, monkey
     monkeypatch.undo()
     assert gen.generate(PROMPTS, max_new_tokens=6).token_ids == want.token_ids  # the next request gets its pools
     assert graphs.capacity == 4 * 64
+
+
+# -- the capture path, over fake CUDA streams and graphs, on the CPU -------------------------------------
+
+EXACT = {"lmbda": 0.375, "knn_temp": 0.75}  # exact in float32: the [B, 7] table and the eager scalars agree
+PROMPTS4 = PROMPTS + ["héllo"]  # a full bucket: no padding rows
+
+
+def reference_sample_rows(base_logits, mem_logits, table, generator=None):
+    """ops.sample_rows without the extension: the reference on the table's columns, as the engine's step does it."""
+    cols = dict(zip(ops.ROW_PARAM_COLUMNS, table.unbind(1)))
+    cols["top_k"] = cols["top_k"].long()
+    return reference.sample(base_logits, mem_logits, **cols, generator=generator)
+
+
+def rows_never_end(ckpts, memory: str) -> JointGenerator:
+    """A generator whose tokenizer has no EOS: every row runs every step, so that the batch never shrinks.
+
+    The reference sampler draws for every row of the bucket, padding included; a full bucket that never shrinks
+    draws what the eager loop draws, token for token, with or without the extension.
+    """
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts[memory], **EXACT, cuda_graphs=False)
+    no_eos = copy.deepcopy(gen.tokenizer)
+    no_eos.eos_token = None
+    return JointGenerator(gen.base, gen.memory, no_eos, **EXACT, cuda_graphs=False)
+
+
+def fake_captured_graphs(gen: JointGenerator, fake: FakeCuda, monkeypatch, side: bool = False) -> DecodeGraphs:
+    """gen decoding through DecodeGraphs(replay=True) whose step is captured and replayed by `fake`."""
+    fake.capture_calls_of(DecodeGraphs, "step")
+    if not ops.compiled_available():
+        monkeypatch.setattr(ops, "sample_rows", reference_sample_rows)
+    gen._graphs = DecodeGraphs(gen.base, gen.memory, gen.vocab, gen._context, torch.cuda.Stream() if side else None,
+                               replay=True)
+    return gen._graphs
+
+
+FAKE_REQUESTS = [{}, {"temperature": 1.25, "top_k": 40, "seed": 5},
+                 {"temperature": [0.0, 0.5, 1.25, 1.0], "top_p": 0.75, "min_p": 0.0625, "seed": 9}]
+
+
+@pytest.mark.parametrize("memory", ["decoder", "mlp"])
+def test_fake_captured_graph_replays_give_the_eager_tokens(ckpts, memory, monkeypatch):
+    gen = rows_never_end(ckpts, memory)
+    want = [gen.generate(PROMPTS4, max_new_tokens=9, **r) for r in FAKE_REQUESTS]
+    fake = FakeCuda(monkeypatch)
+    graphs = fake_captured_graphs(gen, fake, monkeypatch, side=memory == "decoder")
+    got = [gen.generate(PROMPTS4, max_new_tokens=9, **r) for r in FAKE_REQUESTS]
+    for g, w, r in zip(got, want, FAKE_REQUESTS):
+        assert g.token_ids == w.token_ids, r
+        assert torch.allclose(flat(g.logprobs), flat(w.logprobs), atol=1e-4), r
+    entry = graphs.entries[4, 64]
+    assert fake.captures == 1 and entry.graph is fake.graphs[0]  # captured at the first step, then only replayed
+    assert entry.graph.replays == 3 * 8  # every step after the prefill's sample
+    assert len(entry.graph.generators) == 1 and entry.graph.generators[0] is graphs.rng  # sessions re-seed it
+    assert fake.current is fake.default
+    begin = fake.log.index(("capture_begin", graphs.stream.name))
+    assert ("wait_stream", graphs.stream.name, "default") in fake.log[:begin]  # the warm-up waits for the main stream
+    assert ("wait_stream", "default", graphs.stream.name) in fake.log[:begin]  # and the main stream for it
+    if memory == "decoder":  # the memory's decode forks to the side stream and joins back, in the warm-up too
+        assert ("wait_stream", graphs.side.name, graphs.stream.name) in fake.log[:begin]
+        assert ("wait_event", graphs.stream.name, graphs.side.name) in fake.log[:begin]
+
+
+def test_a_failed_fake_capture_decodes_eagerly_from_then_on(ckpts, monkeypatch, caplog):
+    gen = rows_never_end(ckpts, "decoder")
+    kw = {"max_new_tokens": 7, "temperature": 1.25, "top_p": 0.875, "seed": 3}
+    want4, want2 = gen.generate(PROMPTS4, **kw), gen.generate(PROMPTS[:2], **kw)
+    fake = FakeCuda(monkeypatch, fail_captures=[2])
+    graphs = fake_captured_graphs(gen, fake, monkeypatch)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        got4 = gen.generate(PROMPTS4, **kw)  # bucket 4: captured and replayed
+        assert graphs.entries[4, 64].graph is not None
+        got2 = gen.generate(PROMPTS[:2], **kw)  # bucket 2: its capture fails; this step and all later ones are eager
+        again4 = gen.generate(PROMPTS4, **kw)
+    assert got4.token_ids == again4.token_ids == want4.token_ids
+    assert got2.token_ids == want2.token_ids
+    records = [r for r in caplog.records if r.name == LOGGER]
+    assert len(records) == 1 and "capture failed" in records[0].getMessage()
+    assert not graphs.replay and all(e.graph is None for e in graphs.entries.values())
+    assert fake.captures == 2
+    assert ("set_stream", "default") in fake.log and fake.current is fake.default  # not left on the capture stream
+
+
+def test_a_fake_capture_of_an_eos_tokenizer_shrinks_and_matches_eager(ckpts, monkeypatch):
+    # rows that end early leave the batch: the smaller bucket is captured in its turn
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["mlp"], **EXACT, cuda_graphs=False)
+    stop = shrinking_stop(gen, PROMPTS4, 10)
+    gen = JointGenerator(gen.base, gen.memory, tokenizer_with_eos(gen.tokenizer, stop), **EXACT, cuda_graphs=False)
+    want = gen.generate(PROMPTS4, max_new_tokens=10)
+    fake = FakeCuda(monkeypatch)
+    graphs = fake_captured_graphs(gen, fake, monkeypatch)
+    got = gen.generate(PROMPTS4, max_new_tokens=10)
+    assert got.token_ids == want.token_ids and got.finish_reasons == want.finish_reasons
+    assert fake.captures == len(graphs.entries) >= 2 and all(e.graph is not None for e in graphs.entries.values())
 
 
 # -- the graphs themselves (CUDA only) ----------------------------------------------------------

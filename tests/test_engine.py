@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 from conftest import build_tokenizer, save_gpt2
+from fake_cuda import FakeCuda
+from finish_cases import across_tokens, at_last_token, tokenizer_with_eos
 
 from memdec_fast import JointGenerator, ops
 from memdec_fast.engine import (
@@ -25,6 +27,7 @@ from memdec_fast.engine import (
     RequestOutput,
     StreamDelta,
 )
+from memdec_fast.engine.step import ModelStep
 
 WAIT = 30.0
 PROMPTS = ["the quick brown fox", "a plug", "memory decoders give a base", "héllo", "the lazy dog jumps over the fox"]
@@ -82,8 +85,7 @@ def assert_equals_alone(out: RequestOutput, ref: JointGenerator, prompt, **kw) -
     assert out.token_ids == alone.token_ids[0]
     assert out.text == alone.texts[0]
     torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(alone.logprobs[0]), atol=1e-4, rtol=0)
-    if alone.finish_reasons[0] in ("length", "stop"):
-        assert out.finish_reason == alone.finish_reasons[0]
+    assert out.finish_reason == alone.finish_reasons[0]
 
 
 # -- equality with JointGenerator alone ----------------------------------------------------------
@@ -155,6 +157,46 @@ def test_stop_token_id_finishes_with_stop_and_eos_with_eos(engines, refs, ckpts)
         out = eos_engine.submit(PROMPTS[0], max_new_tokens=8).result(WAIT)
     assert out.finish_reason == "eos"
     assert_equals_alone(out, gen, PROMPTS[0], max_new_tokens=8)
+
+
+def test_each_stop_condition_at_the_last_token_reports_the_generators_reason(engines, refs, ckpts):
+    # the token that reaches max_new_tokens also stops the request: "stop" / "eos", as JointGenerator says
+    engine, ref = engines["decoder"], refs["decoder"]
+    case = at_last_token(ref, PROMPTS)
+    for stop in (None, [case.stop_id], case.stop_string):
+        out = engine.submit(case.prompt, max_new_tokens=case.n, stop=stop).result(WAIT)
+        assert len(out.token_ids) == case.n
+        assert_equals_alone(out, ref, case.prompt, max_new_tokens=case.n, stop=stop)
+        assert out.finish_reason == ("length" if stop is None else "stop")
+    gen = JointGenerator(ref.base, ref.memory, tokenizer_with_eos(ref.tokenizer, case.stop_id), lmbda=0.4,
+                         knn_temp=0.8, cuda_graphs=False)
+    with Engine(gen, max_batch=2) as eos_engine:
+        out = eos_engine.submit(case.prompt, max_new_tokens=case.n).result(WAIT)
+        deltas = asyncio.run(asyncio.wait_for(collect(eos_engine, case.prompt, max_new_tokens=case.n), WAIT))
+    assert out.finish_reason == deltas[-1].finish_reason == "eos"
+    assert_equals_alone(out, gen, case.prompt, max_new_tokens=case.n)
+
+
+async def collect(engine: Engine, prompt, **kw) -> list[StreamDelta]:
+    return [d async for d in engine.stream(prompt, **kw)]
+
+
+@pytest.mark.parametrize("width", [2, 3, 5])
+def test_stream_holds_back_a_stop_string_begun_at_the_end_of_a_token(engines, refs, width):
+    # the stop string's first width - 1 characters end a token: sent at once, they could not be taken back
+    engine, ref = engines["mlp"], refs["mlp"]
+    case = across_tokens(ref, PROMPTS, width=width)
+    never = case.stop[:-1] + "\x00"  # the same prefix, never completed: held back while it might, then sent
+    for stop, n in ((case.stop, 16), (never, case.at)):
+        deltas = asyncio.run(asyncio.wait_for(collect(engine, case.prompt, max_new_tokens=n, stop=stop), WAIT))
+        final = ref.generate(case.prompt, max_new_tokens=n, stop=stop).texts[0]
+        sent = ""
+        for d in deltas:
+            sent += d.text
+            assert final.startswith(sent), f"streamed {sent!r}, but the text is {final!r}"
+        assert sent == final
+        assert deltas[-1].finish_reason == ("stop" if stop == case.stop else "length")
+    assert ref.generate(case.prompt, max_new_tokens=16, stop=case.stop).texts[0] == case.text_before_stop
 
 
 # -- async API -----------------------------------------------------------------------------------
@@ -411,6 +453,57 @@ def test_graph_replays_give_the_eager_engines_tokens(ckpts, memory):
             assert engine._step.replay == graphs
             assert bool(engine._step.graphs) == graphs
     assert outs[True] == outs[False]
+
+
+def fake_captured_engine(gen: JointGenerator, fake: FakeCuda, **kw) -> Engine:
+    """An engine whose decode steps are captured and replayed by `fake` (ModelStep's capture path on the CPU)."""
+    fake.capture_calls_of(ModelStep, "_decode_body",
+                          lambda step, rows, length: (torch.empty(rows, step.vocab), torch.empty(rows, step.vocab)))
+    engine = Engine(gen, cuda_graphs=False, **kw)
+    step = engine._step
+    step.replay, step.stream, step.mempool = True, torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+    return engine
+
+
+FAKE_KWS = [{"max_new_tokens": 9}, {"max_new_tokens": 6, "temperature": 1.25},
+            {"max_new_tokens": 8, "temperature": 0.75, "top_p": 0.75}, {"max_new_tokens": 5, "temperature": 1.5, "seed": 3}]
+
+
+def run_together(engine: Engine, kws: list[dict]) -> list[RequestOutput]:
+    """PROMPTS with `kws`, admitted in one step, unseeded rows drawing from a step generator seeded the same."""
+    engine._step.rng.manual_seed(11)
+    with engine:
+        with engine._sched.cond:
+            futs = [engine.submit(p, **kw) for p, kw in zip(PROMPTS, kws)]
+        return [f.result(WAIT) for f in futs]
+
+
+@pytest.mark.parametrize("memory", ["decoder", "mlp"])
+def test_fake_captured_decode_steps_give_the_eager_engines_tokens(ckpts, memory, monkeypatch):
+    want = run_together(Engine(load(ckpts, memory), max_batch=4, prefill_chunk=64, cuda_graphs=False), FAKE_KWS)
+    fake = FakeCuda(monkeypatch)
+    engine = fake_captured_engine(load(ckpts, memory), fake, max_batch=4, prefill_chunk=64)
+    got = run_together(engine, FAKE_KWS)
+    for g, w in zip(got, want):
+        assert (g.token_ids, g.finish_reason) == (w.token_ids, w.finish_reason)
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-4, rtol=0)
+    step = engine._step
+    assert step.replay and fake.captures == len(step.graphs) >= 1
+    assert sum(g.replays for g in fake.graphs) == engine.stats["decode_steps"]  # every step a replay
+    assert all(len(g.generators) == 1 and g.generators[0] is step.rng for g in fake.graphs)
+    assert fake.current is fake.default
+
+
+def test_a_failed_fake_capture_makes_the_engine_decode_eagerly(ckpts, monkeypatch, caplog):
+    want = run_together(Engine(load(ckpts, "decoder"), max_batch=4, prefill_chunk=64, cuda_graphs=False), FAKE_KWS)
+    fake = FakeCuda(monkeypatch, fail_captures=[1])
+    engine = fake_captured_engine(load(ckpts, "decoder"), fake, max_batch=4, prefill_chunk=64)
+    with caplog.at_level(logging.WARNING, logger="memdec_fast.engine.step"):
+        got = run_together(engine, FAKE_KWS)
+    assert [(g.token_ids, g.finish_reason) for g in got] == [(w.token_ids, w.finish_reason) for w in want]
+    assert [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
+    assert not engine._step.replay and not engine._step.graphs and fake.captures == 1
+    assert ("set_stream", "default") in fake.log and fake.current is fake.default
 
 
 # -- the slot cache under the engine -------------------------------------------------------------
