@@ -6,12 +6,31 @@ environments skip that folder.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import pytest
 from tiny_models import EOS, PAD_ROWS, build_tokenizer, save_gpt2, save_mlp_memory
 
-__all__ = ["EOS", "PAD_ROWS", "build_tokenizer", "save_gpt2", "save_mlp_memory"]
+__all__ = ["EOS", "PAD_ROWS", "build_tokenizer", "require_test_extras", "save_gpt2", "save_mlp_memory"]
+
+def require_test_extras(*modules: str) -> None:
+    """Fail the calling test file, at collection, when a declared test extra is missing.
+
+    The test extras are part of the test environment (pyproject.toml's ``test`` extra; tests/run.sh installs
+    them): without one the environment is broken, and a quiet skip would hide that. Skips are kept for what a
+    machine cannot have, such as a GPU or vLLM.
+    """
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        pytest.fail(f"missing test extras {', '.join(missing)}: install the package with its test extras "
+                    "(pip install -e '.[test]', or bash tests/run.sh, which installs them)", pytrace=False)
+
 
 _vllm = importlib.util.find_spec("vllm")
 collect_ignore = [] if _vllm is not None and _vllm.origin is not None else ["vllm"]  # tests/vllm is no package

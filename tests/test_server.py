@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import save_gpt2
+from conftest import require_test_extras, save_gpt2
+from finish_cases import at_last_token, tokenizer_with_eos
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+require_test_extras("fastapi", "uvicorn", "openai", "httpx")
 
+import httpx
+import openai
 import uvicorn
 
 import memdec_fast
@@ -386,6 +386,41 @@ def test_streaming_joined_equals_non_streaming(real):
     # a per-request lmbda changes the mixture
     assert c.completions.create(model=MODEL, **cases[3]).choices[0].text != c.completions.create(
         model=MODEL, **{k: v for k, v in cases[3].items() if k != "extra_body"}).choices[0].text
+
+
+def complete(url: str, body: dict, stream: bool) -> tuple[str, str, int]:
+    """(text, finish_reason, completion tokens) of one completion, streamed or not."""
+    c = client(url)
+    if not stream:
+        res = c.completions.create(model=MODEL, **body)
+        return res.choices[0].text, res.choices[0].finish_reason, res.usage.completion_tokens
+    chunks = list(c.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True}, **body))
+    finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finish) == 1
+    return "".join(ch.choices[0].text for ch in chunks if ch.choices), finish[0], chunks[-1].usage.completion_tokens
+
+
+def test_each_stop_condition_at_the_last_token_finishes_with_stop(real, reference, pair):
+    # max_tokens is reached by the very token that stops the request: OpenAI's "stop", as JointGenerator's reason
+    url, _, _ = real
+    case = at_last_token(reference, [" ".join(WORDS[i : i + 3]) for i in range(0, 21, 3)])
+    body = {"prompt": case.prompt, "max_tokens": case.n, "temperature": 0}
+    for extra, stop in (({}, None), ({"extra_body": {"stop_token_ids": [case.stop_id]}}, [case.stop_id]),
+                        ({"stop": [case.stop_string]}, [case.stop_string])):
+        want = expected(reference, case.prompt, case.n, stop)
+        assert want[1:] == ("length" if stop is None else "stop", case.n)
+        for stream in (False, True):
+            assert complete(url, body | extra, stream) == want, (extra, stream)
+    gen = type(reference)(reference.base, reference.memory, tokenizer_with_eos(reference.tokenizer, case.stop_id),
+                          lmbda=LMBDA, knn_temp=KNN_TEMP)
+    assert gen.generate(case.prompt, max_new_tokens=case.n).finish_reasons == ["eos"]
+    engine = start_engine(pair, tokenizer=tokenizer_with_eos(reference.tokenizer, case.stop_id), max_batch=2)
+    try:
+        with running_server(engine) as (eos_url, _):
+            for stream in (False, True):
+                assert complete(eos_url, body, stream) == expected(gen, case.prompt, case.n), stream
+    finally:
+        engine.close(timeout=10)
 
 
 @pytest.mark.parametrize(("body", "param"), [
