@@ -48,14 +48,25 @@ FIELDS = {
     "stop_token_ids": token_ids, "echo": st.booleans(), "suffix": st.text(max_size=3),
     "presence_penalty": unit, "frequency_penalty": unit, "logit_bias": anything, "user": st.text(max_size=5),
 }
+FIELD_NAMES = sorted(FIELDS) + ["model", "prompt", "unknown_field"]
+
+
+def _mutated(names: list[str]):
+    return st.fixed_dictionaries({k: st.one_of(FIELDS.get(k, prompts), anything) for k in names})
+
+
+# a valid body with up to three fields replaced, so that most bodies reach the check of the field they break
+valid = st.fixed_dictionaries({"model": st.just(MODEL), "prompt": st.text(min_size=1, max_size=20),
+                               "max_tokens": st.integers(1, 4)})
 bodies = st.one_of(
-    st.fixed_dictionaries(
-        {"model": st.one_of(st.just(MODEL), anything), "prompt": st.one_of(prompts, anything)},
-        optional={**{k: st.one_of(v, anything) for k, v in FIELDS.items()},
-                  "unknown_field": anything, "Prompt": anything},
-    ),
+    st.tuples(valid, st.lists(st.sampled_from(FIELD_NAMES), max_size=3, unique=True).flatmap(_mutated)).map(
+        lambda parts: parts[0] | parts[1]),
     anything,  # not even an object
 )
+# bodies that once killed the engine or failed everyone else's requests: always tried
+KNOWN = [{"top_k": 10**400, "temperature": 1}, {"top_k": 2**63, "temperature": 1}, {"top_k": 1e308},
+         {"seed": 2**64}, {"temperature": 1e400}, {"prompt": [True, False]}, {"stop": ["Q" * 400_000]},
+         {"prompt": ["a", ""]}, {"max_tokens": 10**30}, {"stop_token_ids": [2**63]}, {"prompt": "a\ud800b"}]
 
 
 def send(url: str, body) -> None:
@@ -98,6 +109,9 @@ def test_any_body_gets_200_or_a_4xx_and_a_request_beside_it_is_unaffected(real, 
     @given(bodies)
     def fuzz(body):
         send(url, body)
+
+    for known in KNOWN:
+        fuzz.hypothesis.inner_test({"model": MODEL, "prompt": "a", "max_tokens": 2} | known)
 
     try:
         fuzz()
