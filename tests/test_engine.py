@@ -421,7 +421,7 @@ def test_from_pretrained_reads_mixing_and_serves(ckpts, tmp_path):
     engine = Engine.from_pretrained(ckpts["base"], ckpts["decoder"], max_batch=2, max_queue=4, cuda_graphs=True)
     with engine:
         assert (engine.max_batch, engine.max_queue, engine.max_context) == (2, 4, 64)
-        assert engine.generator.lmbda == 0.55  # upstream's default: no memdec_config.json here
+        assert (engine.generator.lmbda, engine.generator.knn_temp) == (0.55, 1.0)  # upstream's: no memdec_config.json
         assert isinstance(engine.submit("hi", max_new_tokens=2), concurrent.futures.Future)
 
 
