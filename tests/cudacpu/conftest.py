@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ def pytest_configure(config):
 def driver(tmp_path_factory) -> Path:
     if compiler() is None:
         pytest.skip("tests/cudacpu needs a C++ compiler (g++, or CXX): none found")
-    return build_driver(tmp_path_factory.mktemp("cudacpu"), SANITIZE)
+    cache = os.environ.get("CUDACPU_CACHE")
+    return build_driver(Path(cache) if cache else tmp_path_factory.mktemp("cudacpu"), SANITIZE)
 
 
 @pytest.fixture

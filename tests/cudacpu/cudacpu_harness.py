@@ -4,6 +4,7 @@ Environment:
   CUDACPU_CSRC       the csrc/ folder to compile (default: this checkout's); mutate.py points it at mutated copies
   CUDACPU_SANITIZE   "thread" or "address" (ASan + UBSan): build and run the driver under that sanitizer
   CUDACPU_TIMEOUT    seconds a block may make no progress before the shim aborts (default 120)
+  CUDACPU_CACHE      a folder for compiled drivers, kept across runs (default: the pytest session's tmp folder)
   CXX                the C++ compiler (default g++)
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -47,8 +49,9 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def build_driver(out_dir: Path, sanitize: str = SANITIZE, csrc: Path = CSRC) -> Path:
-    """Compile driver.cpp against `csrc` under the shim; the binary is named by a digest of sources and flags.
+def build_driver(out_dir: Path, sanitize: str = SANITIZE, csrc: Path = CSRC, source: Path = DRIVER) -> Path:
+    """Compile driver.cpp (or `source`) against `csrc` under the shim; the binary is named by a digest of sources
+    and flags, so that a folder kept across runs (CUDACPU_CACHE) is a cache.
 
     Example
     -------
@@ -58,17 +61,17 @@ def build_driver(out_dir: Path, sanitize: str = SANITIZE, csrc: Path = CSRC) -> 
     if cxx is None:
         raise RuntimeError("no C++ compiler (set CXX)")
     flags = ["-std=c++20", "-g", "-pthread", "-fdata-sections", *SANITIZER_FLAGS[sanitize]]
-    sources = sorted([DRIVER, SHIM / "shared.ld", *SHIM.rglob("*.h"), *SHIM.rglob("*.cuh"), *csrc.rglob("*.h"),
+    sources = sorted([source, SHIM / "shared.ld", *SHIM.rglob("*.h"), *SHIM.rglob("*.cuh"), *csrc.rglob("*.h"),
                       *csrc.rglob("*.cuh")])
     digest = hashlib.sha256(" ".join([cxx, *flags, str(csrc)]).encode())
     for path in sources:
         digest.update(path.read_bytes())
-    exe = out_dir / f"driver-{sanitize or 'plain'}-{digest.hexdigest()[:12]}"
+    exe = out_dir / f"{source.stem}-{sanitize or 'plain'}-{digest.hexdigest()[:12]}"
     if exe.exists():
         return exe
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = exe.with_suffix(f".tmp{os.getpid()}")
-    cmd = [cxx, *flags, f"-I{SHIM}", f"-I{csrc}", str(DRIVER), "-o", str(tmp), f"-Wl,-T,{SHIM / 'shared.ld'}"]
+    cmd = [cxx, *flags, f"-I{SHIM}", f"-I{csrc}", str(source), "-o", str(tmp), f"-Wl,-T,{SHIM / 'shared.ld'}"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building the driver failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
@@ -127,6 +130,9 @@ def write_case(case: Case, path: Path) -> None:
     path.write_bytes(b"".join(parts))
 
 
+FAILURE = re.compile(r"cudacpu: |WARNING: ThreadSanitizer|ERROR: AddressSanitizer|runtime error: ")
+
+
 class KernelFailed(AssertionError):
     """The child running the kernel aborted (shim check), hung, or a sanitizer reported."""
 
@@ -150,8 +156,9 @@ def run_case(driver: Path, case: Case, work: Path, timeout: float = 600) -> dict
     except subprocess.TimeoutExpired as e:
         raise KernelFailed(f"{case.kernel}: no result after {timeout} s; rerun: {driver} {case_path} {out_path}") from e
     if proc.returncode != 0 or "runtime error" in proc.stderr or "WARNING: ThreadSanitizer" in proc.stderr:
-        raise KernelFailed(f"{case.kernel}: the driver failed (exit {proc.returncode}); rerun: {driver} {case_path} "
-                           f"{out_path}\n{proc.stderr[-8000:]}")
+        headline = next((line for line in proc.stderr.splitlines() if FAILURE.search(line)), "")
+        raise KernelFailed(f"{case.kernel}: {headline}\nthe driver failed (exit {proc.returncode}); rerun: {driver} "
+                           f"{case_path} {out_path}\n{proc.stderr[-8000:]}")
     raw = out_path.read_bytes()
     rows, vocab = case.base.shape
     if case.kernel == "joint":

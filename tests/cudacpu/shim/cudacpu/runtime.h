@@ -215,7 +215,7 @@ class Block {
                                      "exited, last at"};
       char line[512];
       std::snprintf(line, sizeof line, "  threads %d-%d: %s %s:%d\n", i, j - 1, kNames[static_cast<int>(wait_[i])],
-                    where_[i].file, where_[i].line);
+                    where_[i].line ? where_[i].file : "(no barrier yet)", where_[i].line);
       s += line;
       i = j;
     }

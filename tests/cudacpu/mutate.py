@@ -1,0 +1,137 @@
+"""Mutation check of the CPU harness: inject known kernel bugs into copies of csrc/ and require that the harness
+fails on each. It proves the harness can fail.
+
+    python tests/cudacpu/mutate.py [--all-detectors] [NAME ...]
+
+For each mutation the detectors (the plain shim, TSan, ASan + UBSan) run over the cases marked `sanitize` in
+test_cudacpu_kernels.py until one fails, the one expected to catch it first; --all-detectors runs all three. A mutation that
+no detector catches, or that does not apply or compile, fails the script. Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from cudacpu_harness import build_driver
+
+DETECTORS = ("plain", "thread", "address")
+
+
+@dataclasses.dataclass
+class Mutation:
+    name: str
+    file: str  # under csrc/
+    old: str  # must occur exactly once
+    new: str
+    expect: str  # the detector that should catch it
+
+
+MUTATIONS = [
+    Mutation("reduce result read in every thread", "kernels/block_row.cuh",
+             "  const T out = total;", "  const T out = r;", "plain"),
+    Mutation("missing barrier before a broadcast", "kernels/block_row.cuh",
+             "  if (threadIdx.x == 0) total = r;\n  __syncthreads();", "  if (threadIdx.x == 0) total = r;",
+             "thread"),
+    Mutation("shfl_up swapped for shfl_down", "kernels/sample.cuh",
+             "__shfl_up_sync(0xffffffffu, incl, o)", "__shfl_down_sync(0xffffffffu, incl, o)", "plain"),
+    Mutation("conditional __syncthreads", "kernels/sample.cuh",
+             "    __syncthreads();\n    const uint32_t pre = prefix", "    if (threadIdx.x < 256) __syncthreads();\n"
+             "    const uint32_t pre = prefix", "plain"),
+    Mutation("warp function called by 16 lanes", "kernels/sample.cuh",
+             "if (threadIdx.x < 32) WarpFindCrossing", "if (threadIdx.x < 16) WarpFindCrossing", "plain"),
+    Mutation("uninitialised prefix", "kernels/sample.cuh",
+             "    prefix = mask = 0;", "    mask = 0;", "plain"),
+    Mutation("non-atomic histogram", "kernels/sample.cuh",
+             "atomicAdd(&bins[(key >> shift) & 255u], 1);", "bins[(key >> shift) & 255u] += 1;", "thread"),
+    Mutation("j <= 256 on a shared array", "kernels/sample.cuh",
+             "for (int j = threadIdx.x; j < 256; j += kThreads) bins[j] = 0;",
+             "for (int j = threadIdx.x; j <= 256; j += kThreads) bins[j] = 0;", "address"),
+    Mutation("i <= vocab on a global array", "kernels/mixture.cuh",
+             "  for (int i = threadIdx.x; i < vocab; i += kThreads) {\n    o[i]",
+             "  for (int i = threadIdx.x; i <= vocab; i += kThreads) {\n    o[i]", "address"),
+]
+
+# The first line of a failure that says why, from the shim, a sanitizer or an assertion.
+EVIDENCE = re.compile(r"(cudacpu: .*|WARNING: ThreadSanitizer: .*|ERROR: AddressSanitizer: [\w-]+|"
+                      r".*runtime error: .*|AssertionError: .*|Mismatched elements.*|.*never wrote.*)")
+
+
+def mutated_copy(m: Mutation, dest: Path) -> Path:
+    csrc = dest / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc)
+    path = csrc / m.file
+    text = path.read_text()
+    count = text.count(m.old)
+    if count != 1:
+        raise SystemExit(f"mutation '{m.name}': the pattern occurs {count} times in csrc/{m.file}; update mutate.py")
+    path.write_text(text.replace(m.old, m.new))
+    return csrc
+
+
+def run_detector(detector: str, csrc: Path, cache: Path) -> tuple[bool, str, float]:
+    """(caught, evidence, seconds) of the marked cases under one detector."""
+    start = time.monotonic()
+    sanitize = "" if detector == "plain" else detector
+    try:
+        build_driver(cache, sanitize, csrc)
+    except RuntimeError as e:
+        return False, f"BUILD FAILED: {str(e).splitlines()[-1]}", time.monotonic() - start
+    env = {**os.environ, "CUDACPU_CSRC": str(csrc), "CUDACPU_SANITIZE": sanitize, "CUDACPU_CACHE": str(cache),
+           "CUDACPU_TIMEOUT": "60"}
+    cmd = [sys.executable, "-m", "pytest", str(HERE / "test_cudacpu_kernels.py"), "-m", "sanitize", "-x", "-q",
+           "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT)
+    found = EVIDENCE.search(proc.stdout + proc.stderr)
+    evidence = found.group(0).strip() if found else (proc.stdout + proc.stderr).strip().splitlines()[-1]
+    evidence = evidence.replace(f"{csrc}/", "csrc/").removeprefix("E").strip()
+    return proc.returncode != 0, evidence[:100], time.monotonic() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutations to run (substrings of their names); default all")
+    parser.add_argument("--all-detectors", action="store_true", help="run every detector on every mutation")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.names or any(n in m.name for n in args.names)]
+    rows, missed = [], []
+    with tempfile.TemporaryDirectory(prefix="cudacpu-mutate-") as tmp:
+        cache = Path(tmp) / "bin"
+        for i, m in enumerate(chosen):
+            csrc = mutated_copy(m, Path(tmp) / str(i))
+            caught_by = []
+            for detector in sorted(DETECTORS, key=lambda d: d != m.expect):
+                caught, evidence, seconds = run_detector(detector, csrc, cache)
+                print(f"{m.name}: {detector}: {'caught' if caught else 'passed'} in {seconds:.0f} s: {evidence}",
+                      flush=True)
+                if caught:
+                    caught_by.append((detector, evidence))
+                    if not args.all_detectors:
+                        break
+            rows.append((m, caught_by))
+            if not caught_by:
+                missed.append(m.name)
+    print(f"\n{'mutation':38} {'expected':9} {'caught by':24} evidence")
+    for m, caught_by in rows:
+        who = ", ".join(d for d, _ in caught_by) or "NOTHING"
+        print(f"{m.name:38} {m.expect:9} {who:24} {caught_by[0][1] if caught_by else ''}")
+    if missed:
+        print(f"\nmutate.py: the harness missed {len(missed)} mutation(s): {', '.join(missed)}")
+        return 1
+    print(f"\nmutate.py: the harness caught all {len(rows)} mutations")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
