@@ -4,6 +4,8 @@ Every subcommand takes --base, --memory and --memory-type, defaulting to the
 embedded demo pair, and --json for JSON on stdout. Bad arguments give a
 one-line error on stderr and exit status 2; they are checked before any model
 loads, and nothing heavy (torch, transformers) is imported before a command runs.
+Every numeric flag, of every subcommand, takes its type and range from
+:mod:`memdec_fast.ranges`, whose entries the ops check too (:func:`apply_ranges`).
 """
 
 from __future__ import annotations

@@ -133,6 +133,7 @@ RANGES: dict[str, Range] = {
     "engine.max_context": Range(int, 2),
     "serve.port": Range(int, 0, 65535),
     "serve.drain_timeout": Range(float, 0.0, 86400.0),
+    "serve.max_body_bytes": _INT_1,
 }
 """``"<op>.<parameter>"`` -> its range; the ops check their arguments against these entries."""
 
@@ -153,7 +154,7 @@ FLAGS: dict[str, dict[str, str]] = {
     "serve": {"--port": "serve.port", "--lmbda": "generate.lmbda", "--knn-temp": "generate.knn_temp",
               "--max-batch": "engine.max_batch", "--max-queue": "engine.max_queue",
               "--prefill-chunk": "engine.prefill_chunk", "--max-context": "engine.max_context",
-              "--drain-timeout": "serve.drain_timeout"},
+              "--max-body-bytes": "serve.max_body_bytes", "--drain-timeout": "serve.drain_timeout"},
     "train datastore": {"--block-size": "datastore.block_size", "--batch-size": "datastore.batch_size"},
     "train targets": {"--k": "targets.k", "--temperature": "targets.temperature", "--width": "targets.width",
                       "--exact-max": "targets.exact_max"},

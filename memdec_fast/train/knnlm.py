@@ -48,8 +48,10 @@ class KNNLM:
 
     def __init__(self, base: str | Path | Model, datastore: str | Path | Datastore, k: int = 1024,
                  temperature: float = 16.0, lmbda: float = 0.25, exact_max: int = EXACT_MAX):
-        for name, value in (("k", k), ("temperature", temperature), ("knn_lmbda", lmbda), ("exact_max", exact_max)):
-            ranges.check(f"compare.{name}" if name != "exact_max" else "targets.exact_max", value)
+        ranges.check("compare.k", k)
+        ranges.check("compare.temperature", temperature)
+        ranges.check("compare.knn_lmbda", lmbda, "lmbda")
+        ranges.check("targets.exact_max", exact_max)
         self.model = load_lm(base) if isinstance(base, (str, Path)) else base.eval()
         self.ds = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
         self.k, self.temperature, self.lmbda = min(k, self.ds.keys.shape[0]), temperature, lmbda
