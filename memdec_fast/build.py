@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -18,7 +19,9 @@ def build_info() -> dict:
         ``compiled`` (bool), ``cpu`` and ``cuda`` (whether kernels for each were
         compiled), ``cuda_archs`` (list of "8.0"-style strings), ``cuda_version``
         (the toolkit's, or None), ``torch_built`` (the torch it was built
-        against), ``torch_runtime`` and, when it failed to load, ``error``.
+        against), ``torch_runtime``, ``source_digest`` (of the sources it was
+        built from), ``cuda_choice`` (why the CUDA kernels were compiled or not)
+        and, when it failed to load, ``error``.
 
     Example
     -------
@@ -32,4 +35,10 @@ def build_info() -> dict:
                     error=str(ops._LOAD_ERROR))
         return info
     info.update(json.loads(torch.ops.memdec_fast.build_info.default()))
+    # written by the build beside the extension: the package's source digest, and why CUDA was compiled or not
+    written = Path(ops._C.__file__).with_name("_build.json")
+    if written.is_file():
+        info.update(json.loads(written.read_text()))
+    # what is registered, whatever the build said: a CUDA kernel for every op, or none
+    info["cuda"] = bool(info.get("cuda")) and ops._CUDA_KERNELS
     return info

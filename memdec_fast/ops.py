@@ -38,6 +38,31 @@ except ImportError as err:  # missing, built for another torch, or disabled
         stacklevel=2,
     )
 
+# A CPU-only build (the default without a visible GPU) has no CUDA kernels: CUDA tensors then take the reference
+# ops, with one warning at the first such call that says how to compile them.
+_CUDA_KERNELS = _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key("memdec_fast::sample", "CUDA")
+_NO_CUDA_KERNELS = (
+    "memdec_fast: this build of the extension has no CUDA kernels (build_info()['cuda_choice'] says why: by default "
+    "they are compiled only where a GPU is visible). Rebuild them with `MEMDEC_FAST_CUDA=1 pip install .` (add "
+    "--no-build-isolation to build against the torch installed here)"
+)
+_warned_no_cuda = False
+
+
+def _use_reference(logits: torch.Tensor) -> bool:
+    """True when the reference ops must run: no extension, or a CUDA tensor and a build without CUDA kernels."""
+    global _warned_no_cuda
+    if _LOAD_ERROR is not None:
+        return True
+    if logits.is_cuda and not _CUDA_KERNELS:
+        if not _warned_no_cuda:
+            _warned_no_cuda = True
+            warnings.warn(_NO_CUDA_KERNELS + "; using the plain-PyTorch reference ops on CUDA tensors meanwhile",
+                          RuntimeWarning, stacklevel=3)
+        return True
+    return False
+
+
 __all__ = [
     "ROW_PARAM_COLUMNS",
     "compiled_available",
@@ -127,7 +152,7 @@ def joint_logprobs(
     -------
     >>> logp = joint_logprobs(torch.randn(2, 10), torch.randn(2, 10), lmbda=0.25)
     """
-    if _LOAD_ERROR is not None:
+    if _use_reference(base_logits):
         return reference.joint_logprobs(base_logits, mem_logits, lmbda, knn_temp, base_temp)
     check_logits(base_logits, mem_logits)
     values = {"lmbda": lmbda, "knn_temp": knn_temp, "base_temp": base_temp}
@@ -166,7 +191,7 @@ def target_logprobs(
     -------
     >>> joint, base, mem = target_logprobs(torch.randn(3, 10), torch.randn(3, 10), torch.tensor([1, 2, 3]), 0.5)
     """
-    if _LOAD_ERROR is not None:
+    if _use_reference(base_logits):
         return reference.target_logprobs(base_logits, mem_logits, targets, lmbda, knn_temp, base_temp)
     check_logits(base_logits, mem_logits)
     check_targets(targets, base_logits)
@@ -227,7 +252,7 @@ def sample(
     -------
     >>> tokens, logprobs = sample(torch.randn(4, 100), torch.randn(4, 100), lmbda=0.3, top_p=0.9)
     """
-    if _LOAD_ERROR is not None:
+    if _use_reference(base_logits):
         return reference.sample(
             base_logits, mem_logits, lmbda, knn_temp, base_temp, temperature, top_k, top_p, min_p, generator
         )
@@ -258,6 +283,8 @@ def sample_rows(
     values, and never synchronises. Requires the compiled extension.
     """
     require_compiled()
+    if base_logits.is_cuda and not _CUDA_KERNELS:
+        raise RuntimeError(_NO_CUDA_KERNELS + ", or use ops.sample on CUDA tensors")
     check_devices(base_logits, mem_logits=mem_logits, row_params=row_params)
     return tuple(
         torch.ops.memdec_fast.sample.default(base_logits, mem_logits, row_params, 0.0, 1.0, 1.0, 1.0, 0, 1.0, 0.0, generator)
