@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lmbda", type=float, nargs="+", help="one or several (a sweep in one pass); " + _LMBDA_HELP)
     p.add_argument("--knn-temp", type=float, help=_KNN_TEMP_HELP)
     p.add_argument("--block-size", type=int, help="window length (default: min(1024, model context))")
-    p.add_argument("--stride", type=int, help="window step (default: block size / 2)")
+    p.add_argument("--stride", type=int,
+                   help="window step, at most the block size (equal: disjoint windows) (default: block size / 2)")
     p.add_argument("--batch-size", type=int, help="windows per forward (default: 1 on CPU, 8 on CUDA)")
     p.set_defaults(func=cmd_ppl)
 
@@ -295,8 +296,8 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     if args.block_size is not None and args.block_size > context:
         raise UsageError(f"--block-size {args.block_size} exceeds the model's context of {context} tokens")
     block = args.block_size or context
-    if args.stride is not None and args.stride >= block:
-        raise UsageError(f"--stride {args.stride} must be below the block size {block}")
+    if args.stride is not None and args.stride > block:
+        raise UsageError(f"--stride {args.stride} must not exceed the block size {block} (equal: disjoint windows)")
     gen = _load(args)
     res = perplexity(gen, None, Path(args.file), lmbda=args.lmbda, knn_temp=args.knn_temp, block_size=block,
                      stride=args.stride, batch_size=args.batch_size)

@@ -6,7 +6,9 @@ stated exactly. Take the N tokens of the data. Window w covers tokens
 at positions ``[w*stride, min((w+1)*stride, N))``, each predicted from the tokens
 before it inside the window. Position 0 has no context and is not scored, so every
 other token is scored exactly once, and past the first window each has at least
-``block_size - stride`` tokens of context.
+``block_size - stride`` tokens of context. With ``stride == block_size`` the windows
+are disjoint (Hugging Face's no-overlap recipe): the first token of each window has
+no context inside it and is not scored either.
 
 Because the models are causal, the windows that start at token 0 all see the same
 context for a given position; they are run as one forward.
@@ -40,7 +42,7 @@ class PerplexityResult:
     Attributes
     ----------
     tokens : int
-        Number of tokens scored (N - 1).
+        Number of tokens scored (N - 1; fewer with disjoint windows, stride == block_size).
     base_ppl, memory_ppl : float
         Perplexity of the base LM alone and of the memory alone.
     joint_ppl : dict[float, float]
@@ -83,10 +85,9 @@ def plan_windows(n: int, block_size: int, stride: int) -> list[Span]:
     >>> plan_windows(2000, 1024, 512)
     [Span(begin=0, end=512, first=1), Span(begin=0, end=1024, first=512), Span(begin=512, end=1536, first=1024), Span(begin=1024, end=2000, first=1536)]
     """
-    spans = (
-        Span(max(0, (w + 1) * stride - block_size), min((w + 1) * stride, n), max(1, w * stride))
-        for w in range(math.ceil(n / stride))
-    )
+    begins = [max(0, (w + 1) * stride - block_size) for w in range(math.ceil(n / stride))]
+    # a window's first token has no context inside it: it is scored only by an earlier, overlapping window
+    spans = (Span(b, min((w + 1) * stride, n), max(b + 1, w * stride)) for w, b in enumerate(begins))
     return [s for s in spans if s.first < s.end]  # with stride 1, window 0 scores nothing
 
 
@@ -219,7 +220,7 @@ def perplexity(
         Softmax temperature of the memory; default as for lmbda, else 1.0.
     block_size, stride : int, optional
         Window length and step of the sliding-window protocol (module docstring);
-        0 < stride < block_size <= the model's context. Defaults: the model's
+        0 < stride <= block_size <= the model's context. Defaults: the model's
         context (at most 1024) and half the block size.
     memory_type : {"auto", "decoder", "mlp"}
     batch_size : int, optional
@@ -251,16 +252,16 @@ def perplexity(
     for name, v in (("block_size", block_size), ("stride", stride), ("batch_size", batch_size)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name}: {v!r} must be an int >= 1")
-    if block_size is not None and stride is not None and not stride < block_size:
-        raise ValueError(f"stride: {stride} must lie in [1, block_size) = [1, {block_size})")
+    if block_size is not None and stride is not None and not stride <= block_size:
+        raise ValueError(f"stride: {stride} must lie in [1, block_size] = [1, {block_size}]")
     check_data(data)
     gen = _scorer(base, memory, memory_type, lmbdas[0], knn_temp, device, dtype, tokenizer)
     block_size = block_size or min(1024, gen.max_context)
     stride = stride or max(1, block_size // 2)
     if block_size > gen.max_context:
         raise ValueError(f"block_size: {block_size} exceeds the model's context of {gen.max_context} tokens")
-    if not stride < block_size:
-        raise ValueError(f"stride: {stride} must lie in [1, block_size) = [1, {block_size})")
+    if not stride <= block_size:
+        raise ValueError(f"stride: {stride} must lie in [1, block_size] = [1, {block_size}]")
     tokens = load_tokens(data, gen.tokenizer)
     vocab = len(gen.tokenizer)
     if tokens.numel() < 2:
@@ -272,7 +273,7 @@ def perplexity(
 
     sums = _Sums(lmbdas, float(knn_temp), dev)
     spans = plan_windows(tokens.numel(), block_size, stride)
-    with tqdm(total=tokens.numel() - 1, unit="tok", unit_scale=True, desc="perplexity", disable=not progress) as bar:
+    with tqdm(total=sum(s.end - s.first for s in spans), unit="tok", unit_scale=True, desc="perplexity", disable=not progress) as bar:
         for group in _batches(spans, batch_size):
             ids = torch.stack([tokens[s.begin : s.end] for s in group]).to(dev)  # [B, T]
             # logits at window position j predict the token at j + 1; only the scored tail is computed

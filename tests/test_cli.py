@@ -112,7 +112,7 @@ def test_info(capsys):
         (["ppl", "{text}", "--lmbda", "1.5"], "--lmbda: 1.5 is outside [0.0, 1.0]"),
         (["ppl", "{text}", "--block-size", "1"], "--block-size: 1 is outside [2, inf)"),
         (["ppl", "{text}", "--block-size", "65"], "exceeds the model's context of 64"),
-        (["ppl", "{text}", "--block-size", "32", "--stride", "32"], "stride"),
+        (["ppl", "{text}", "--block-size", "32", "--stride", "33"], "stride"),
         (["generate", "x", "--memory-type", "bogus"], "invalid choice"),
         (["generate", "x", "--stream", "--json"], "cannot be combined"),
         (["generate", "x", "--top-p", "0"], "--top-p: 0 is outside (0.0, 1.0]"),
