@@ -108,8 +108,9 @@ def test_unsupported_reasons():
     assert "memory runs in transformers" in unsupported_reason(gpu, runner, hf, reference=False, compiled=True)
 
 
-def test_unsupported_cuda_setup_logs_one_warning(caplog):
+def test_unsupported_cuda_setup_logs_one_warning(caplog, monkeypatch):
     base = types.SimpleNamespace(device=torch.device("cuda"))  # a transformers-style runner; nothing touches CUDA
+    monkeypatch.setattr(ops, "compiled_available", lambda: True)  # so that the models are the reason, built or not
     with caplog.at_level(logging.INFO, logger=LOGGER):
         assert cuda_graph.decode_graphs(base, base, 10, 64, None) is None
     records = [r for r in caplog.records if r.name == LOGGER]
