@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EOS, save_gpt2
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
 import memdec_fast
 from memdec_fast import JointGenerator, reference
@@ -235,3 +238,16 @@ def test_threads_calling_generate_take_turns(gen):
         t.join(timeout=120)
     assert errors == [] and len(results) == 16
     assert all(toks == serial[p] for p, toks in results)
+
+
+def test_a_tokenizer_of_the_same_size_with_other_ids_is_named_by_its_first_differing_token(tmp_path, ckpts, tokenizer):
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: same tokens, same size
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)), eos_token=EOS)
+    path = save_gpt2(tmp_path / "mem", tokenizer, seed=4, save_tokenizer=False)
+    other.save_pretrained(path)
+    with pytest.raises(ValueError, match="tokenizer mismatch") as err:
+        JointGenerator.from_pretrained(ckpts["base"], path)
+    assert f"token {a!r} is id 100 in the base and id 101 in the memory" in str(err.value), err.value

@@ -69,11 +69,15 @@ def check_tokenizers(tokenizer, memory: str | os.PathLike) -> None:
     """When the memory ships a tokenizer, it must equal the base's (same tokens, same ids)."""
     if not any(checkpoint.resolve(memory, f) for f in TOKENIZER_FILES):
         return
-    theirs = load_tokenizer(memory)
-    if theirs.get_vocab() != tokenizer.get_vocab():
+    ours, theirs = tokenizer.get_vocab(), load_tokenizer(memory).get_vocab()
+    if theirs != ours:
+        token = min(set(ours) ^ set(theirs) or {t for t in ours if ours[t] != theirs[t]},
+                    key=lambda t: (ours.get(t, len(ours)), t))
+        where = {name: f"id {v[token]}" if token in v else "absent" for name, v in (("base", ours), ("memory", theirs))}
         raise ValueError(
-            f"tokenizer mismatch: the memory at {os.fspath(memory)} uses a different tokenizer "
-            f"({len(theirs)} tokens) than the base ({len(tokenizer)} tokens)"
+            f"tokenizer mismatch: the memory at {os.fspath(memory)} uses a different tokenizer than the base "
+            f"({len(theirs)} and {len(ours)} tokens): token {token!r} is {where['base']} in the base and "
+            f"{where['memory']} in the memory"
         )
 
 
