@@ -93,10 +93,20 @@ def run_detector(detector: str, csrc: Path, cache: Path) -> tuple[bool, str, flo
     cmd = [sys.executable, "-m", "pytest", str(HERE / "test_cudacpu_kernels.py"), "-m", "sanitize", "-x", "-q",
            "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT)
-    found = EVIDENCE.search(proc.stdout + proc.stderr)
-    evidence = found.group(0).strip() if found else (proc.stdout + proc.stderr).strip().splitlines()[-1]
-    evidence = evidence.replace(f"{csrc}/", "csrc/").removeprefix("E").strip()
-    return proc.returncode != 0, evidence[:100], time.monotonic() - start
+    text = (proc.stdout + proc.stderr).replace(f"{csrc}/", "csrc/")
+    return proc.returncode != 0, evidence_of(text), time.monotonic() - start
+
+
+def evidence_of(text: str) -> str:
+    """The first line that says why the run failed, and the first kernel source line named after it."""
+    found = EVIDENCE.search(text)
+    if not found:
+        return text.strip().splitlines()[-1]
+    why = re.sub(r"\(pid=\d+\)|^.*KernelFailed: \w+: ", "", found.group(0)).strip()
+    where = re.search(r"csrc/kernels/\w+\.cuh:\d+", text[found.start():])
+    if where and where.group(0) not in why:
+        why = f"{why} at {where.group(0)}"
+    return why[:110]
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 
 Passing here says the kernels' logic is right (indexing, reductions, scans, shuffles, ballots, atomics, barriers
 and the Philox pick) on the CPU's memory model and math library; it says nothing of speed or of GPU-only
-behaviour. See tests/cudacpu/README in benchmarks/NOTES.md's "CPU harness" section.
+behaviour: benchmarks/NOTES.md ("The CPU harness") lists what it can and cannot prove.
 """
 
 from __future__ import annotations
