@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from memdec_fast import ops
+from memdec_fast import ops, ranges
 from memdec_fast.eval_data import EvalData, check_data, load_tokens
 from memdec_fast.models.checkpoint import mixing_defaults
 
@@ -250,8 +250,8 @@ def perplexity(
     if isinstance(knn_temp, bool) or not isinstance(knn_temp, (int, float)) or not knn_temp > 0:
         raise ValueError(f"knn_temp: {knn_temp!r} must be > 0")
     for name, v in (("block_size", block_size), ("stride", stride), ("batch_size", batch_size)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}: {v!r} must be an int >= 1")
+        if v is not None:
+            ranges.check(f"ppl.{name}", v)  # a block of 1 token scores nothing: block_size >= 2
     if block_size is not None and stride is not None and not stride <= block_size:
         raise ValueError(f"stride: {stride} must lie in [1, block_size] = [1, {block_size}]")
     check_data(data)
