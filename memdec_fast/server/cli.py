@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--drain-timeout", type=_non_negative, default=30.0,
                    help="seconds the requests in flight get to finish after SIGTERM")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
-                   help="uvicorn's and memdec_fast's log level (default: info)")
+                   help="the HTTP server's (uvicorn's) log level (default: info)")
     p.set_defaults(func=cmd_serve)
 
 
