@@ -19,6 +19,7 @@ import glob
 import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -149,9 +150,14 @@ def main() -> None:
         sampler = LoadSampler()
         before = loadavg()
         sampler.start()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         seconds, rc, lines = run_step(cmd, clone, env, work / f"step{i}.log")
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         sampler.stop.set()
-        step = {"name": name, "command": cmd, "seconds": round(seconds, 1), "rc": rc, "loadavg_before": before,
+        step = {"name": name, "command": cmd, "seconds": round(seconds, 1), "rc": rc,
+                # CPU seconds of the step's processes: what a shared machine's load changes least
+                "cpu_user_s": round(cpu1.ru_utime - cpu0.ru_utime, 1),
+                "cpu_sys_s": round(cpu1.ru_stime - cpu0.ru_stime, 1), "loadavg_before": before,
                 "loadavg_after": loadavg(), "load_during": sampler.summary(), "log": str(work / f"step{i}.log")}
         if "pip install" in cmd:
             step["pip_phases"] = pip_phases(lines, seconds)
