@@ -133,6 +133,11 @@ def write_case(case: Case, path: Path) -> None:
 FAILURE = re.compile(r"cudacpu: |WARNING: ThreadSanitizer|ERROR: AddressSanitizer|runtime error: ")
 
 
+def _clip(text: str, head: int = 6000, tail: int = 2000) -> str:
+    """The start of a report (where a sanitizer names the racing or overflowing line) and its end."""
+    return text if len(text) <= head + tail else f"{text[:head]}\n[...]\n{text[-tail:]}"
+
+
 class KernelFailed(AssertionError):
     """The child running the kernel aborted (shim check), hung, or a sanitizer reported."""
 
@@ -158,7 +163,7 @@ def run_case(driver: Path, case: Case, work: Path, timeout: float = 600) -> dict
     if proc.returncode != 0 or "runtime error" in proc.stderr or "WARNING: ThreadSanitizer" in proc.stderr:
         headline = next((line for line in proc.stderr.splitlines() if FAILURE.search(line)), "")
         raise KernelFailed(f"{case.kernel}: {headline}\nthe driver failed (exit {proc.returncode}); rerun: {driver} "
-                           f"{case_path} {out_path}\n{proc.stderr[-8000:]}")
+                           f"{case_path} {out_path}\n{_clip(proc.stderr)}")
     raw = out_path.read_bytes()
     rows, vocab = case.base.shape
     if case.kernel == "joint":
