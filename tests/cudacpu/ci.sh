@@ -9,4 +9,4 @@ if ! command -v "${CXX:-g++}" > /dev/null; then
   exit 1
 fi
 bash tests/cudacpu/sanitize.sh
-"$PYTHON" tests/cudacpu/mutate.py
+"$PYTHON" tests/cudacpu/mutate.py --sanitizers-checked

@@ -1,10 +1,12 @@
 """Mutation check of the CPU harness: inject known kernel bugs into copies of csrc/ and require that the harness
 fails on each. It proves the harness can fail.
 
-    python tests/cudacpu/mutate.py [--all-detectors] [NAME ...]
+    python tests/cudacpu/mutate.py [--all-detectors] [--sanitizers-checked] [NAME ...]
 
 For each mutation the detectors (the plain shim, TSan, ASan + UBSan) run over the cases marked `sanitize` in
-test_cudacpu_kernels.py until one fails, the one expected to catch it first; --all-detectors runs all three. A mutation that
+test_cudacpu_kernels.py until one fails, the one expected to catch it first; --all-detectors runs all three.
+A control run on an unchanged copy comes first, under every detector (only the plain one with
+--sanitizers-checked, which ci.sh passes after sanitize.sh): if it fails, a failure under a mutation means nothing. A mutation that
 no detector catches, or that does not apply or compile, fails the script. Prints a table.
 """
 
@@ -68,9 +70,12 @@ EVIDENCE = re.compile(r"(cudacpu: .*|WARNING: ThreadSanitizer: .*|ERROR: Address
                       r".*runtime error: .*|AssertionError: .*|Mismatched elements.*|.*never wrote.*)")
 
 
-def mutated_copy(m: Mutation, dest: Path) -> Path:
+def mutated_copy(m: Mutation | None, dest: Path) -> Path:
+    """A copy of csrc/ under `dest`, with the mutation applied (none for the control)."""
     csrc = dest / "csrc"
     shutil.copytree(ROOT / "csrc", csrc)
+    if m is None:
+        return csrc
     path = csrc / m.file
     text = path.read_text()
     count = text.count(m.old)
@@ -113,11 +118,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="mutations to run (substrings of their names); default all")
     parser.add_argument("--all-detectors", action="store_true", help="run every detector on every mutation")
+    parser.add_argument("--sanitizers-checked", action="store_true",
+                        help="the control runs the plain detector only (sanitize.sh has just passed)")
     args = parser.parse_args()
     chosen = [m for m in MUTATIONS if not args.names or any(n in m.name for n in args.names)]
     rows, missed = [], []
     with tempfile.TemporaryDirectory(prefix="cudacpu-mutate-") as tmp:
         cache = Path(tmp) / "bin"
+        control = mutated_copy(None, Path(tmp) / "control")
+        for detector in DETECTORS[:1] if args.sanitizers_checked else DETECTORS:
+            failed, evidence, seconds = run_detector(detector, control, cache)
+            print(f"control: {detector}: {'FAILED' if failed else 'passed'} in {seconds:.0f} s", flush=True)
+            if failed:
+                print(f"mutate.py: the unchanged kernels fail under {detector}: {evidence}")
+                return 1
         for i, m in enumerate(chosen):
             csrc = mutated_copy(m, Path(tmp) / str(i))
             caught_by = []
