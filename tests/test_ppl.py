@@ -214,7 +214,7 @@ def test_progress_bar_shows_tokens_per_second(gen, ids, capsys):
     "kwargs,match",
     [
         ({"block_size": 65}, "exceeds the model's context of 64"),
-        ({"block_size": 64, "stride": 64}, "stride"),
+        ({"block_size": 64, "stride": 65}, "stride"),  # stride == block_size is allowed: disjoint windows
         ({"block_size": 64, "stride": 0}, "stride"),
         ({"lmbda": 1.5}, "lmbda"),
         ({"lmbda": []}, "lmbda"),
