@@ -118,13 +118,14 @@ def check_sample(driver, work, case: Case) -> None:
             continue
         row = {n: float(params[n][r]) for n in PARAM_NAMES}
         if row["temperature"] == 0:
-            assert token == int(logp[r].argmax()), f"row {r}: greedy"
+            assert token == int(logp[r].argmax()), f"sample row {r}: greedy token {token}, argmax {logp[r].argmax()}"
         else:
             u = row_uniform(seed, offset, r)
             exact = exact_pick(logp[r], row, u)
             if token != exact:  # only a draw or a cut at float32 rounding distance of a boundary may differ
                 around = rounding_picks([logp[r], kernel_logp[r].double()], row, u)
-                assert token in around, f"row {r} {row}: token {token}, the reference picks {exact} (or {around})"
+                assert token in around, (f"sample row {r}: token {token}, the reference picks {exact} (rounding allows "
+                                         f"{sorted(around)}); {row}")
                 inexact += 1
         torch.testing.assert_close(out["logprobs"][r], logp[r, token].float(), rtol=2e-5, atol=2e-5)
     print(f"sample: {inexact} of {logp.shape[0]} rows picked a token only float32 rounding explains")
