@@ -102,7 +102,8 @@ def ninja_targets(clone: Path) -> list[dict]:
             if len(parts) >= 4:
                 seen[parts[3]] = (int(parts[0]) / 1000, int(parts[1]) / 1000)  # the last entry of a target wins
         for target, (t0, t1) in seen.items():
-            found.append({"target": os.path.basename(target), "start_s": round(t0, 1), "end_s": round(t1, 1),
+            found.append({"target": os.path.basename(target), "build": os.path.basename(os.path.dirname(path)),
+                          "start_s": round(t0, 1), "end_s": round(t1, 1),
                           "seconds": round(t1 - t0, 1)})
     return sorted(found, key=lambda r: r["start_s"])
 
@@ -168,7 +169,7 @@ def main() -> None:
         record["steps"].append(step)
         print(json.dumps({k: v for k, v in step.items() if k != "ninja"}), flush=True)
         for row in step.get("ninja", []):
-            print(f"  {row['seconds']:7.1f} s  {row['target']}", flush=True)
+            print(f"  {row['seconds']:7.1f} s  {row['target']} ({row['build']})", flush=True)
         if rc != 0:
             print(f"step {name} failed (rc {rc}); log: {step['log']}", file=sys.stderr)
             break
