@@ -21,6 +21,14 @@ from __future__ import annotations
 ARCHITECTURE = "MemDecForCausalLM"
 
 
+class MemDecConfigError(RuntimeError):
+    """A deployment the plugin cannot serve, refused while vLLM builds its config: one sentence naming the problem.
+
+    Not a ValueError: vLLM's config is a pydantic dataclass, which would wrap a ValueError in a validation report
+    that dumps every engine argument around the sentence.
+    """
+
+
 def register() -> None:
     """Register MemDecForCausalLM with vLLM, and its deployment checks with vLLM's config hooks (idempotent)."""
     from vllm import ModelRegistry
@@ -40,4 +48,7 @@ def _verify(vllm_config) -> None:
     # imported here: vLLM loads every plugin in every process, and most deployments never build this model
     from memdec_fast.vllm.settings import verify_deployment
 
-    verify_deployment(vllm_config)
+    try:
+        verify_deployment(vllm_config)
+    except ValueError as err:
+        raise MemDecConfigError(str(err)) from None

@@ -9,6 +9,8 @@ from tiny_models import build_tokenizer, save_gpt2, save_llama
 from vllm import LLM
 from vllm.engine.arg_utils import EngineArgs
 
+from memdec_fast.vllm import MemDecConfigError
+
 
 @pytest.fixture(scope="module")
 def bad_memories(tmp_path_factory, tokenizer):
@@ -28,8 +30,11 @@ def bad_memories(tmp_path_factory, tokenizer):
 
 
 def refused(match: str, **args) -> None:
-    with pytest.raises(ValueError, match=match):
+    """LLM(**args) stops with our sentence alone: no pydantic validation report around it."""
+    with pytest.raises(MemDecConfigError, match=match) as err:
         LLM(**args)
+    assert "\n" not in str(err.value) and "validation error" not in str(err.value), err.value
+    assert err.value.__cause__ is None and err.value.__suppress_context__
 
 
 def test_missing_memory(pairs, tmp_path):
