@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -125,6 +126,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.save:
         record = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "git_commit": _git_commit(),
                   "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                  "load_average": [round(x, 2) for x in os.getloadavg()],
                   "command": "memdec-fast " + " ".join(sys.argv[1:]), **result, "table": table}
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(json.dumps(record, indent=1) + "\n")

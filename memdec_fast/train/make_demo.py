@@ -86,7 +86,7 @@ def _train_base(docs: list[str], tok: GPT2TokenizerFast, work: Path, out: Path, 
     blocks = torch.from_numpy(np.fromfile(work / "base_tokens.bin", np.int32)[: n // BLOCK * BLOCK]).long()
     blocks = blocks.view(-1, BLOCK)  # [n_blocks, BLOCK]
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=BLOCK, n_embd=96, n_layer=3, n_head=4,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=BLOCK, n_embd=96, n_layer=3, n_head=3,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg)
