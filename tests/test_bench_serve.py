@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_test_extras
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
 
@@ -21,7 +22,7 @@ def bench():
 
 
 def test_quick_run_reports_every_level_and_the_baseline(bench, tmp_path):
-    pytest.importorskip("matplotlib")
+    require_test_extras("matplotlib")
     out = tmp_path / "serve.json"
     report = bench.main(["--quick", "--out", str(out), "--concurrency", "1", "3", "--device", "cpu"])
     assert json.loads(out.read_text()) == report

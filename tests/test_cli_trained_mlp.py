@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require_test_extras
 
 import memdec_fast
 from memdec_fast import cli
@@ -23,7 +24,7 @@ from memdec_fast.ppl import perplexity
 from memdec_fast.train.corpus import domain_corpus, domain_heldout, fictional_world
 from memdec_fast.train.make_demo import DEMO_DIR
 
-pytest.importorskip("faiss")
+require_test_extras("faiss")
 
 BASE = DEMO_DIR / "base"  # context: 128 positions
 REPO = Path(memdec_fast.__file__).parents[1]
@@ -129,8 +130,7 @@ def test_info(trained, capsys):
 
 
 def test_serve(trained):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
+    require_test_extras("fastapi", "uvicorn")
     import urllib.request
 
     env = os.environ | {"PYTHONPATH": str(REPO)}

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import require_test_extras
 
 from memdec_fast.train import (
     KNNLM,
@@ -27,7 +28,7 @@ from memdec_fast.train.corpus import domain_corpus, fictional_world
 from memdec_fast.train.decoder import block_batches
 from memdec_fast.train.make_demo import DEMO_DIR
 
-pytest.importorskip("faiss")
+require_test_extras("faiss")
 
 BASE = DEMO_DIR / "base"
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require_test_extras
 
 import memdec_fast
 from memdec_fast.train import Datastore, build_datastore, build_knn_targets
 from memdec_fast.train.corpus import domain_corpus, fictional_world
 from memdec_fast.train.make_demo import DEMO_DIR
 
-pytest.importorskip("faiss")
+require_test_extras("faiss")
 
 BASE = DEMO_DIR / "base"
 REPO = Path(memdec_fast.__file__).parents[1]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_test_extras
 
 import memdec_fast
 from memdec_fast.models.checkpoint import read_mixing
@@ -19,7 +20,7 @@ from memdec_fast.train.corpus import domain_corpus, domain_heldout, fictional_wo
 from memdec_fast.train.evaluate import LMBDA_GRID, as_lines
 from memdec_fast.train.make_demo import DEMO_DIR
 
-pytest.importorskip("faiss")
+require_test_extras("faiss")
 
 BASE = DEMO_DIR / "base"
 REPO = Path(memdec_fast.__file__).parents[1]
