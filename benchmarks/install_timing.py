@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # pip's non-interactive spinner: "<what>: started" ... "<what>: finished with status 'done'"
 PHASES = {
     "build_env_install": "Installing build dependencies",
+    "build_env_backend_install": "Installing backend dependencies",  # what build_backend.py asks for: torch
     "get_requires": "Getting requirements to build wheel",
     "metadata": "Preparing metadata (pyproject.toml)",
     "build_wheel": "Building wheel for memdec_fast (pyproject.toml)",
