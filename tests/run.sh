@@ -22,7 +22,11 @@ root = os.path.realpath(sys.argv[1])
 if os.path.realpath(memdec_fast.__file__).startswith(os.path.join(root, "")):
     print("editable")
 else:
-    print(memdec_fast.build_info().get("source_digest", "unknown"))
+    info = memdec_fast.build_info()
+    if os.environ.get("MEMDEC_FAST_CUDA") == "1" and not info.get("cuda"):
+        print("a-build-without-CUDA-kernels")  # MEMDEC_FAST_CUDA=1 asks for them: install again
+    else:
+        print(info.get("source_digest", "unknown"))
 PY
 }
 
@@ -34,7 +38,7 @@ elif [ "$state" = "$want" ]; then
   echo "tests/run.sh: reusing the installed build of this checkout (source digest $want)"
 else
   echo "tests/run.sh: installing this checkout (installed: $state, checkout: $want); this compiles the extension"
-  "$PYTHON" -m pip install -q .
+  "$PYTHON" -m pip install -v .  # -v: pip shows the build's progress lines ("memdec_fast: compiled 2/5 (108 s)")
 fi
 extras=$(cd "$OUTSIDE" && "$PYTHON" - <<'PY'
 import re
