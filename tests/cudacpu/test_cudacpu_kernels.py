@@ -10,12 +10,15 @@ from __future__ import annotations
 import itertools
 import math
 
+import cudacpu_fixtures
 import pytest
 import torch
 from cudacpu_harness import PARAM_NAMES, Case, run_case
 from cudacpu_reference import exact_pick, rounding_picks, row_uniform
 
 from memdec_fast import reference
+
+driver, work = cudacpu_fixtures.driver, cudacpu_fixtures.work  # the harness's fixtures
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_PAIRS = list(itertools.product(DTYPES, DTYPES))

@@ -1,4 +1,8 @@
-"""Fixtures of the CPU harness: the driver, compiled once per session (plain, or under CUDACPU_SANITIZE)."""
+"""Fixtures of the CPU harness: the driver, compiled once per session (plain, or under CUDACPU_SANITIZE).
+
+Not a conftest.py: the suite's test files import tests/conftest.py by the module name "conftest", which a second
+conftest.py here would take over when the whole suite is collected. Test modules import these fixtures by name.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,6 @@ from pathlib import Path
 
 import pytest
 from cudacpu_harness import SANITIZE, build_driver, compiler
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "sanitize: the cases tests/cudacpu/sanitize.sh runs under TSan and ASan+UBSan")
 
 
 @pytest.fixture(scope="session")
