@@ -105,19 +105,6 @@ def apply_ranges(parser: argparse.ArgumentParser) -> None:
             action.help = f"{action.help + '; ' if action.help else ''}range {RANGES[key].describe()}"
 
 
-# Kept for memdec_fast.server.cli, which registers its flags with them; apply_ranges replaces them by the table's.
-def _unit_float(text: str) -> float:
-    return _RangeType("generate.lmbda")(text)
-
-
-def _positive_float(text: str) -> float:
-    return _RangeType("train.lr")(text)
-
-
-def _positive_int(text: str) -> int:
-    return _RangeType("ppl.batch_size")(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, with train and demo when their modules are present."""
     parser = _Parser(prog="memdec-fast", description="Fast inference for a base LM mixed with a pretrained memory.")

@@ -24,37 +24,31 @@ from memdec_fast.server import MAX_BODY_BYTES
 __all__ = ["cmd_serve", "register"]
 
 
-def _port(text: str) -> int:
-    v = int(text)
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, 65535]")
-    return v
-
-
 def register(subparsers) -> None:
     """Add ``serve`` to the ``memdec-fast`` parser."""
-    from memdec_fast.cli import _KNN_TEMP_HELP, _LMBDA_HELP, _common, _positive_float, _positive_int, _unit_float
+    from memdec_fast.cli import _KNN_TEMP_HELP, _LMBDA_HELP, _common
 
+    # each numeric flag gets its range from memdec_fast.ranges.FLAGS["serve"] when the parser is built
     p = subparsers.add_parser("serve", parents=[_common()], help="OpenAI-compatible HTTP server (/v1/completions)",
                               description="Serve the pair over HTTP with OpenAI's completions API. "
                                           "Needs the serve extra: pip install 'memdec_fast[serve]'.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--port", type=_port, default=8000, help="TCP port; 0 picks a free one")
+    p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one")
     p.add_argument("--served-model-name", type=_name, default="memdec-fast", help="the `model` clients send")
-    p.add_argument("--lmbda", type=_unit_float, help=_LMBDA_HELP + "; a request may send its own")
-    p.add_argument("--knn-temp", type=_positive_float, help=_KNN_TEMP_HELP)
-    p.add_argument("--max-batch", type=_positive_int, default=32, help="requests decoded together")
-    p.add_argument("--max-queue", type=_positive_int, default=256,
+    p.add_argument("--lmbda", type=float, help=_LMBDA_HELP + "; a request may send its own")
+    p.add_argument("--knn-temp", type=float, help=_KNN_TEMP_HELP)
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a batch slot before new ones get 429")
-    p.add_argument("--prefill-chunk", type=_positive_int,
+    p.add_argument("--prefill-chunk", type=int,
                    help="prompt tokens prefilled per engine step, summed over requests: the most one step delays "
                         "the running streams for new prompts (default: the engine's, 512)")
-    p.add_argument("--max-context", type=_positive_int,
+    p.add_argument("--max-context", type=int,
                    help="positions per request and cache slot (default: the models' context); caps the caches, "
                         "which hold max-batch x max-context positions per model")
-    p.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES,
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                    help="the largest request body; larger ones get 413 before they are read")
-    p.add_argument("--drain-timeout", type=_non_negative, default=30.0,
+    p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds the requests in flight get to finish after SIGTERM")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                    help="the HTTP server's (uvicorn's) log level (default: info)")
@@ -65,13 +59,6 @@ def _name(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
-
-
-def _non_negative(text: str) -> float:
-    v = float(text)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return v
 
 
 def _bind(host: str, port: int) -> socket.socket:
