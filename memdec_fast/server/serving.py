@@ -52,10 +52,11 @@ def bad_request(message: str, param: str | None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param)
 
 
-def api_error(err: BaseException, prompt_index: int | None = None) -> ApiError:
+def api_error(err: BaseException, prompt_index: int | None = None, log: bool = True) -> ApiError:
     """The HTTP answer to an exception raised by the engine (never its traceback).
 
-    prompt_index: which prompt of a batch the engine request was, to name it in "prompt[i]: ..."."""
+    prompt_index: which prompt of a batch the engine request was, to name it in "prompt[i]: ...".
+    log: log an unexpected exception (once: where the answer is sent)."""
     if isinstance(err, ApiError):
         return err
     if isinstance(err, InvalidArgument):
@@ -74,7 +75,8 @@ def api_error(err: BaseException, prompt_index: int | None = None) -> ApiError:
                         code="request_failed")
     if isinstance(err, ValueError):  # an engine that does not name the argument
         return bad_request(_one_line(err), None)
-    logger.error("internal error", exc_info=err)
+    if log:
+        logger.error("internal error", exc_info=err)
     return ApiError(500, "internal server error", "server_error", code="internal_error")
 
 
@@ -92,7 +94,7 @@ _OUTCOMES = {400: "bad_request", 404: "bad_request", 413: "bad_request", 415: "b
 
 def outcome_of(err: BaseException) -> str:
     """The metrics outcome of a request that ended with `err`."""
-    return _OUTCOMES.get(api_error(err).status if isinstance(err, Exception) else 500, "failed")
+    return _OUTCOMES.get(api_error(err, log=False).status if isinstance(err, Exception) else 500, "failed")
 
 
 @dataclass
