@@ -87,11 +87,11 @@ def cuda_archs() -> tuple[str, str]:
 
 
 def source_digest(compiled_only: bool = False) -> str:
-    """memdec_fast/source_digest.py's digest of this checkout (or of the files the extension is compiled from),
+    """source_digest.py's digest of this checkout (or of the files the extension is compiled from),
     loaded by path (the package needs torch)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("source_digest", os.path.join(ROOT, "memdec_fast", "source_digest.py"))
+    spec = importlib.util.spec_from_file_location("source_digest", os.path.join(ROOT, "source_digest.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.digest(ROOT, module.COMPILED_PATTERNS) if compiled_only else module.digest(ROOT)

@@ -31,7 +31,7 @@ PY
 }
 
 state=$(installed_state)
-want=$("$PYTHON" memdec_fast/source_digest.py "$ROOT")
+want=$("$PYTHON" source_digest.py "$ROOT")
 if [ "$state" = editable ]; then
   echo "tests/run.sh: testing the editable install of this checkout (rebuild the extension yourself after C++ changes)"
 elif [ "$state" = "$want" ]; then

@@ -29,7 +29,7 @@ if ! (cd "$OUTSIDE" && "$PY" -c "import importlib.metadata as m, sys; sys.exit(m
 fi
 
 installed=$(cd "$OUTSIDE" && "$PY" -c "import memdec_fast; print(memdec_fast.build_info().get('source_digest'))" 2>/dev/null || echo none)
-want=$("$PY" memdec_fast/source_digest.py "$ROOT")
+want=$("$PY" source_digest.py "$ROOT")
 if [ "$installed" != "$want" ]; then
   say "installing this checkout into $ENV as a CPU-only build (installed: $installed, checkout: $want)"
   # --no-build-isolation: compile against the environment's torch 2.13.0+cpu, not pyproject's build pin

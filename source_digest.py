@@ -3,7 +3,7 @@
 setup.py stores it beside the compiled extension, in memdec_fast/_build.json
 (``build_info()["source_digest"]``), and tests/run.sh compares it with the checkout's, to reuse an installed build
 that is this checkout's instead of compiling again. Standard library only: it
-runs before torch is installed, as ``python memdec_fast/source_digest.py ROOT``.
+runs before torch is installed, as ``python source_digest.py ROOT``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import hashlib
 import os
 import sys
 
-_PATTERNS = ("setup.py", "build_backend.py", "pyproject.toml", "csrc/**/*", "memdec_fast/**/*")
+_PATTERNS = ("setup.py", "build_backend.py", "source_digest.py", "pyproject.toml", "csrc/**/*", "memdec_fast/**/*")
 _SKIP_SUFFIXES = (".so", ".pyd", ".pyc", "_build.json")  # _build.json: written by the build, holds the digest
 COMPILED_PATTERNS = ("setup.py", "csrc/**/*")
 """What the compiled extension is made of: setup.py keys its cache of built extensions on these alone."""
