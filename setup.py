@@ -145,7 +145,8 @@ def extension():
     if not with_cuda:
         progress(f"memdec_fast: compiling the CPU kernels only: {why_cuda}")
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # csrc/ops.cpp (the schemas) and csrc/cpu/ (the CPU kernels); csrc/cuda/ below
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     debug = bool(env_flag("MEMDEC_FAST_DEBUG_INFO"))
     # -fopenmp: ATen's at::parallel_for is inline and runs serially without it. -g0 undoes the -g of Python's
     # CFLAGS: debug info makes the CPU kernels compile ~1.6x slower and ~10x bigger.
@@ -167,7 +168,7 @@ def extension():
         info["cuda_version"] = torch.version.cuda
         include_dirs += pip_cuda_includes()
         library_dirs += [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
-        sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = ["-O3", f"--threads={nvcc_threads}", *(["-lineinfo"] if debug else []),
                 *os.environ.get("MEMDEC_FAST_NVCC_FLAGS", "").split()]
         progress(f"memdec_fast: compiling {len(sources)} files with the CUDA kernels ({why_cuda}): CUDA "

@@ -1,5 +1,5 @@
 // Schemas of the memdec_fast ops. Kernels register beside their code
-// (*_cpu.cpp, *_cuda.cu); importing memdec_fast._C runs the registrations.
+// (cpu/*_cpu.cpp, cuda/*_cuda.cu); importing memdec_fast._C runs the registrations.
 #include <Python.h>
 #include <torch/library.h>
 

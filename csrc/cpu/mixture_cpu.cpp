@@ -4,7 +4,7 @@
 
 #include <algorithm>
 
-#include "cpu_row.h"
+#include "cpu/cpu_row.h"
 #include "op_args.h"
 
 namespace memdec_fast {

@@ -6,7 +6,7 @@
 
 #include <mutex>
 
-#include "cuda_types.h"
+#include "cuda/cuda_types.h"
 #include "kernels/sample.cuh"
 #include "op_args.h"
 

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "common/philox.h"
-#include "cpu_row.h"
+#include "cpu/cpu_row.h"
 #include "op_args.h"
 
 namespace memdec_fast {

@@ -3,7 +3,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "cuda_types.h"
+#include "cuda/cuda_types.h"
 #include "kernels/mixture.cuh"
 #include "op_args.h"
 

@@ -12,7 +12,7 @@
 #include <cstdint>
 
 #include "common/mixture.h"
-#include "cpu_vec.h"
+#include "cpu/cpu_vec.h"
 
 namespace memdec_fast {
 
