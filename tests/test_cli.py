@@ -12,9 +12,7 @@ import pytest
 import torch
 
 import memdec_fast
-from memdec_fast import cli
-from memdec_fast.generator import JointGenerator
-from memdec_fast.ppl import perplexity
+from memdec_fast import JointGenerator, cli, perplexity
 
 
 def run(argv: list[str]) -> int:
@@ -137,7 +135,7 @@ def test_missing_model_paths(tmp_path, capsys):
 
 
 def test_default_pair_missing_is_a_clear_error(monkeypatch, text_file, tmp_path, capsys):
-    monkeypatch.setattr(cli, "DEMO_DIR", tmp_path)
+    monkeypatch.setattr("memdec_fast.cli.args.DEMO_DIR", tmp_path)
     assert run(["ppl", str(text_file)]) == 2
     assert "demo pair is missing" in capsys.readouterr().err
 
@@ -152,3 +150,17 @@ def test_as_a_process(ckpts, tmp_path):
     bad = subprocess.run([*cmd, "ppl", str(tmp_path / "missing.txt"), "--base", str(ckpts["base"]), "--memory",
                           str(ckpts["decoder"])], check=False, **run)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_server_and_train_import_only_public_cli_names():
+    """server/ and train/ import public names of memdec_fast.cli (from .args): no private name, not the module."""
+    import ast
+
+    root = Path(memdec_fast.__file__).parent
+    nodes = [(p.name, n) for p in [*root.glob("server/*.py"), *root.glob("train/*.py")]
+             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Import | ast.ImportFrom)]
+    names = [(f, isinstance(n, ast.Import), ".".join(filter(None, (getattr(n, "module", None), a.name))))
+             for f, n in nodes for a in n.names]
+    bad = [(f, name) for f, plain, name in names
+           if name.startswith("memdec_fast.cli") and (plain or "._" in name or name == "memdec_fast.cli")]
+    assert not bad, bad

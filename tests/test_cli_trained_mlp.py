@@ -18,9 +18,7 @@ import pytest
 from conftest import require_test_extras
 
 import memdec_fast
-from memdec_fast import cli
-from memdec_fast.generator import JointGenerator
-from memdec_fast.ppl import perplexity
+from memdec_fast import JointGenerator, cli, perplexity
 from memdec_fast.train.corpus import domain_corpus, domain_heldout, fictional_world
 from memdec_fast.train.make_demo import DEMO_DIR
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from memdec_fast.demo import DEMO_DIR, format_demo, run_demo
+from memdec_fast.cli.demo import DEMO_DIR, format_demo, run_demo
 
 
 def test_demo_pair_is_complete():

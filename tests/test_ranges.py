@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from memdec_fast import cli, params
+from memdec_fast.cli.args import RangeType, subcommands
 from memdec_fast.ranges import FLAGS, FLOAT32_MAX, RANGES, Range, check
 
 SERVER_ONLY = {"serve.port", "serve.drain_timeout", "serve.max_body_bytes"}  # settings of the server process itself, no op behind them
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def action_of(parser, command: str, flag: str) -> argparse.Action:
-    sub = dict(cli._subcommands(parser))[command]
+    sub = dict(subcommands(parser))[command]
     return next(a for a in sub._actions if flag in a.option_strings)
 
 
@@ -66,12 +67,12 @@ def numeric(kind) -> bool:
 
 
 def test_every_numeric_flag_of_every_subcommand_is_in_the_table(parser):
-    commands = dict(cli._subcommands(parser))
+    commands = dict(subcommands(parser))
     assert set(FLAGS) <= set(commands), set(FLAGS) - set(commands)
     for command, sub in commands.items():
         for action in sub._actions:
             if action.option_strings and numeric(action.type):
-                assert isinstance(action.type, cli._RangeType), (command, action.option_strings, action.type)
+                assert isinstance(action.type, RangeType), (command, action.option_strings, action.type)
                 assert any(o in FLAGS[command] for o in action.option_strings), (command, action.option_strings)
     for command, flag in all_flags():
         assert FLAGS[command][flag] in RANGES
@@ -124,7 +125,7 @@ def test_help_shows_every_default(parser):
     # item 19.5: the formatter shows a default only beside a help text, and None not at all: such an option's
     # help must say its default in its own words
     hidden = []
-    for command, sub in cli._subcommands(parser):
+    for command, sub in subcommands(parser):
         for action in sub._actions:
             if not action.option_strings or action.required or isinstance(action, (
                     argparse._HelpAction, argparse._StoreTrueAction, argparse._AppendAction)):
@@ -169,10 +170,9 @@ def _named(name: str, call) -> bool:
 @pytest.fixture(scope="module")
 def probes(ckpts, tmp_path_factory) -> dict:
     """RANGES key -> (probe(value) -> accepted?, huge values too?)."""
-    from memdec_fast.cli_bench import run_bench
+    from memdec_fast import JointGenerator, perplexity
+    from memdec_fast.cli.bench import run_bench
     from memdec_fast.engine import Engine
-    from memdec_fast.generator import JointGenerator
-    from memdec_fast.ppl import perplexity
 
     gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], device="cpu")
     tmp = tmp_path_factory.mktemp("probes")

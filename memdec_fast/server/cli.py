@@ -17,8 +17,9 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
 
+from memdec_fast.cli import main  # `python -m memdec_fast.server.cli serve ...`: the whole command line
+from memdec_fast.cli.args import KNN_TEMP_HELP, LMBDA_HELP, common_flags, pair_paths, resolve_device
 from memdec_fast.server import MAX_BODY_BYTES
 
 __all__ = ["cmd_serve", "register"]
@@ -26,17 +27,15 @@ __all__ = ["cmd_serve", "register"]
 
 def register(subparsers) -> None:
     """Add ``serve`` to the ``memdec-fast`` parser."""
-    from memdec_fast.cli import _KNN_TEMP_HELP, _LMBDA_HELP, _common
-
     # each numeric flag gets its range from memdec_fast.ranges.FLAGS["serve"] when the parser is built
-    p = subparsers.add_parser("serve", parents=[_common()], help="OpenAI-compatible HTTP server (/v1/completions)",
+    p = subparsers.add_parser("serve", parents=[common_flags()], help="OpenAI-compatible HTTP server (/v1/completions)",
                               description="Serve the pair over HTTP with OpenAI's completions API. "
                                           "Needs the serve extra: pip install 'memdec_fast[serve]'.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one")
     p.add_argument("--served-model-name", type=_name, default="memdec-fast", help="the `model` clients send")
-    p.add_argument("--lmbda", type=float, help=_LMBDA_HELP + "; a request may send its own")
-    p.add_argument("--knn-temp", type=float, help=_KNN_TEMP_HELP)
+    p.add_argument("--lmbda", type=float, help=LMBDA_HELP + "; a request may send its own")
+    p.add_argument("--knn-temp", type=float, help=KNN_TEMP_HELP)
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a batch slot before new ones get 429")
@@ -86,10 +85,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
     except ModuleNotFoundError as err:
         raise ValueError(f"serve needs {err.name}: pip install 'memdec_fast[serve]'") from None
-    from memdec_fast.cli import _device, _pair
 
-    base, memory = _pair(args)
-    device = _device(args.device)
+    base, memory = pair_paths(args)
+    device = resolve_device(args.device)
     sock = _bind(args.host, args.port)
     try:
         engine = _load_engine(args, base, memory, device)
@@ -180,15 +178,6 @@ def _announce(args: argparse.Namespace, sock: socket.socket) -> None:
         print(json.dumps({"url": url, "host": host, "port": port, "model": args.served_model_name}), flush=True)
     else:
         print(f"memdec-fast serve: serving {args.served_model_name!r} at {url}", file=sys.stderr, flush=True)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m memdec_fast.server.cli serve ...``: the memdec-fast command line with serve registered."""
-    from memdec_fast import cli
-
-    if __spec__ is not None and __spec__.name not in cli._OPTIONAL_COMMANDS:  # until cli lists this module
-        cli._OPTIONAL_COMMANDS = (*cli._OPTIONAL_COMMANDS, __spec__.name)
-    return cli.main(argv)
 
 
 if __name__ == "__main__":

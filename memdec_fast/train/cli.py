@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from memdec_fast.cli import HelpFormatter
+from memdec_fast.cli.args import HelpFormatter
 
 __all__ = ["register"]
 

@@ -1,11 +1,9 @@
 """The ``memdec-fast`` command line: generate, ppl, bench and info (plus train, demo and serve when installed).
 
-Every subcommand takes --base, --memory and --memory-type, defaulting to the
-embedded demo pair, and --json for JSON on stdout. Bad arguments give a
-one-line error on stderr and exit status 2; they are checked before any model
-loads, and nothing heavy (torch, transformers) is imported before a command runs.
-Every numeric flag, of every subcommand, takes its type and range from
-:mod:`memdec_fast.ranges`, whose entries the ops check too (:func:`apply_ranges`).
+Every subcommand takes --base, --memory and --memory-type, defaulting to the embedded demo pair, and --json for
+JSON on stdout. Bad arguments give a one-line error on stderr and exit status 2; they are checked before any model
+loads, and nothing heavy (torch, transformers) is imported before a command runs. Every numeric flag takes its
+type and range from :mod:`memdec_fast.ranges`, whose entries the ops check too (see ``args.apply_ranges``).
 """
 
 from __future__ import annotations
@@ -17,101 +15,27 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from memdec_fast.ranges import FLAGS, RANGES
+from memdec_fast.cli.args import (
+    KNN_TEMP_HELP,
+    LMBDA_HELP,
+    Parser,
+    UsageError,
+    apply_ranges,
+    common_flags,
+    pair_paths,
+    resolve_device,
+)
 
-DEMO_DIR = Path(__file__).parent / "data" / "demo"
-_DTYPES = ("float32", "float16", "bfloat16")
-_OPTIONAL_COMMANDS = ("memdec_fast.train.cli", "memdec_fast.demo", "memdec_fast.server.cli")
-_LMBDA_HELP = "weight of the memory (default: the memory's memdec_config.json, else 0.55)"
-_KNN_TEMP_HELP = "memory softmax temperature (default: the memory's memdec_config.json, else 1.0)"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none to show (None, or a flag's False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, without the usage block, and whose help shows defaults."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-class UsageError(ValueError):
-    """An argument the parser accepted but the command cannot use."""
-
-
-def _common(json_help: str = "print one JSON object on stdout") -> argparse.ArgumentParser:
-    p = _Parser(add_help=False)
-    g = p.add_argument_group("model pair")
-    g.add_argument("--base", metavar="PATH", help="base LM: directory or hub name (default: the embedded demo base)")
-    g.add_argument("--memory", metavar="PATH", help="memory: directory or hub name (default: the embedded demo memory)")
-    g.add_argument("--memory-type", choices=("auto", "decoder", "mlp"), default="auto",
-                   help="auto: an MLP Memory when its files say so, else a Memory Decoder")
-    g.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
-    g.add_argument("--dtype", choices=_DTYPES, help="default: bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--json", action="store_true", help=json_help)
-    return p
-
-
-class _RangeType:
-    """An argparse `type` that parses a number and refuses it outside its entry of :data:`memdec_fast.ranges.RANGES`."""
-
-    def __init__(self, key: str):
-        self.key, self.range = key, RANGES[key]
-        self.__name__ = self.range.kind.__name__  # argparse names the type in some messages
-
-    def __call__(self, text: str) -> int | float:
-        try:
-            return self.range.parse(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    def __repr__(self) -> str:
-        return f"_RangeType({self.key!r})"
-
-
-def _subcommands(parser: argparse.ArgumentParser, prefix: str = ""):
-    """(name, parser) of every subcommand, nested ones as "train mlp"."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield prefix + name, sub
-                yield from _subcommands(sub, prefix + name + " ")
-
-
-def apply_ranges(parser: argparse.ArgumentParser) -> None:
-    """Give every numeric flag listed in :data:`memdec_fast.ranges.FLAGS` the type and range of its entry.
-
-    The table, not the code that adds a flag, decides what the flag accepts: the same entries the ops check their
-    arguments against. The range is appended to the flag's help.
-    """
-    for command, sub in _subcommands(parser):
-        flags = FLAGS.get(command, {})
-        for action in sub._actions:
-            key = next((flags[o] for o in action.option_strings if o in flags), None)
-            if key is None or isinstance(action.type, _RangeType):
-                continue
-            action.type = _RangeType(key)
-            action.help = f"{action.help + '; ' if action.help else ''}range {RANGES[key].describe()}"
+_OPTIONAL_COMMANDS = ("memdec_fast.train.cli", "memdec_fast.cli.demo", "memdec_fast.server.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, with train and demo when their modules are present."""
-    parser = _Parser(prog="memdec-fast", description="Fast inference for a base LM mixed with a pretrained memory.")
+    parser = Parser(prog="memdec-fast", description="Fast inference for a base LM mixed with a pretrained memory.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = _common()
+    common = common_flags()
 
-    g = sub.add_parser("generate", parents=[_common("print JSON on stdout: one object per prompt, one per line")],
+    g = sub.add_parser("generate", parents=[common_flags("print JSON on stdout: one object per prompt, one per line")],
                        help="generate text from one or more prompts")
     g.add_argument("prompt", nargs="+", help="each prompt is completed on its own (batched); prints prompt + completion")
     g.add_argument("--max-new-tokens", type=int, help="default: 64, or half the context when that is shorter")
@@ -122,15 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's rule, on the mixture")
     g.add_argument("--seed", type=int, help="the same seed gives the same tokens (default: none, a fresh draw)")
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop string; repeat for several")
-    g.add_argument("--lmbda", type=float, help=_LMBDA_HELP)
-    g.add_argument("--knn-temp", type=float, help=_KNN_TEMP_HELP)
+    g.add_argument("--lmbda", type=float, help=LMBDA_HELP)
+    g.add_argument("--knn-temp", type=float, help=KNN_TEMP_HELP)
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", parents=[common], help="perplexity of base, memory and mixture on a text file")
     p.add_argument("file", help="UTF-8 text file, tokenized line by line")
-    p.add_argument("--lmbda", type=float, nargs="+", help="one or several (a sweep in one pass); " + _LMBDA_HELP)
-    p.add_argument("--knn-temp", type=float, help=_KNN_TEMP_HELP)
+    p.add_argument("--lmbda", type=float, nargs="+", help="one or several (a sweep in one pass); " + LMBDA_HELP)
+    p.add_argument("--knn-temp", type=float, help=KNN_TEMP_HELP)
     p.add_argument("--block-size", type=int, help="window length (default: min(1024, model context))")
     p.add_argument("--stride", type=int,
                    help="window step, at most the block size (equal: disjoint windows) (default: block size / 2)")
@@ -143,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int,
                    help="tokens per request (default: 64, or what the context leaves after the longest prompt)")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="requests generated together")
-    b.add_argument("--lmbda", type=float, help=_LMBDA_HELP)
+    b.add_argument("--lmbda", type=float, help=LMBDA_HELP)
     b.add_argument("--repeats", type=int, default=3, help="timed runs per row; the median is shown")
     b.set_defaults(func=cmd_bench)
 
@@ -162,15 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pair(args: argparse.Namespace) -> tuple[str, str]:
-    base = args.base or str(DEMO_DIR / "base")
-    memory = args.memory or str(DEMO_DIR / "memory")
-    for flag, given, path in (("--base", args.base, base), ("--memory", args.memory, memory)):
-        if given is None and not (Path(path) / "config.json").is_file():
-            raise UsageError(f"{flag}: not given, and the embedded demo pair is missing ({path}); pass --base and --memory")
-    return base, memory
-
-
 def _context(args: argparse.Namespace) -> int:
     """The pair's context window in tokens, from the config files and weight names alone (no weights loaded).
 
@@ -181,7 +96,7 @@ def _context(args: argparse.Namespace) -> int:
     from memdec_fast.generation.checks import resolve_memory_type
     from memdec_fast.models.checkpoint import load_config
 
-    base, memory = _pair(args)
+    base, memory = pair_paths(args)
     kind = resolve_memory_type(memory, args.memory_type, key="--memory-type")
     sizes = []
     for path in (base,) if kind == "mlp" else (base, memory):
@@ -190,32 +105,15 @@ def _context(args: argparse.Namespace) -> int:
     return min(sizes) if sizes else 2**31 - 1
 
 
-def _device(text: str | None):
-    """A torch.device that exists here, or UsageError."""
-    import torch
-
-    try:
-        device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        raise UsageError(f"--device: {text!r} is not a device (e.g. cpu, cuda, cuda:1)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device: {text} asked for, but no CUDA device is available here")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device: {text}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device: {text!r} is not supported (cpu or cuda)")
-    return device
-
-
 def _load(args: argparse.Namespace):
     """The JointGenerator of the pair; lmbda and knn_temp are the flags, else those stored with the memory."""
     import torch
 
-    from memdec_fast.generator import JointGenerator
+    from memdec_fast import JointGenerator
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     lmbda = args.lmbda[0] if isinstance(args.lmbda, list) else args.lmbda
-    base, memory = _pair(args)
+    base, memory = pair_paths(args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return JointGenerator.from_pretrained(base, memory, memory_type=args.memory_type, lmbda=lmbda,
                                           knn_temp=getattr(args, "knn_temp", None), device=device, dtype=dtype)
@@ -275,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     """``memdec-fast ppl FILE``: perplexities; with --json, :meth:`PerplexityResult.to_dict`."""
-    from memdec_fast.ppl import perplexity
+    from memdec_fast import perplexity
 
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file}: no such file")
@@ -296,7 +194,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``memdec-fast bench``: prefill and per-token decode latency over prompt lengths and batch sizes."""
-    from memdec_fast.cli_bench import bench_lengths, run_bench
+    from memdec_fast.cli.bench import bench_lengths, run_bench
 
     prompt_tokens, new_tokens = bench_lengths(_context(args), args.prompt_tokens, args.new_tokens)
     gen = _load(args)
@@ -321,7 +219,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     import memdec_fast
     from memdec_fast.models.checkpoint import load_config
 
-    for path in _pair(args):
+    base, memory = pair_paths(args)
+    for path in (base, memory):
         load_config(path)  # the pair must exist: a missing directory or config.json is an error, not a success
     devices = [{"name": "cpu", "threads": torch.get_num_threads()}]
     for i in range(torch.cuda.device_count()):
@@ -336,8 +235,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "devices": devices,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "pair": {"base": args.base or str(DEMO_DIR / "base"), "memory": args.memory or str(DEMO_DIR / "memory"),
-                 "memory_type": args.memory_type},
+        "pair": {"base": base, "memory": memory, "memory_type": args.memory_type},
     }
     b = info["build"]
     kind = "CUDA + CPU" if b.get("cuda") else "CPU only" if b.get("compiled") else "not compiled (reference ops)"
@@ -376,7 +274,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split()) or type(err).__name__
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from memdec_fast.cli.args import DEMO_DIR
 
 __all__ = ["DEMO_DIR", "format_demo", "register", "run_demo"]
-
-DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 
 
 def run_demo(max_new_tokens: int = 8, device: str = "cpu") -> dict:
@@ -35,9 +34,8 @@ def run_demo(max_new_tokens: int = 8, device: str = "cpu") -> dict:
     >>> run_demo()["ppl"]["base_ppl"] > run_demo()["ppl"]["joint_ppl"]  # doctest: +SKIP
     True
     """
-    from memdec_fast.generator import JointGenerator
+    from memdec_fast import JointGenerator, perplexity
     from memdec_fast.models.checkpoint import read_mixing
-    from memdec_fast.ppl import perplexity
 
     base, memory = DEMO_DIR / "base", DEMO_DIR / "memory"
     if not (base / "config.json").is_file() or not (memory / "config.json").is_file():
