@@ -68,9 +68,6 @@ class RangeType:
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
 
-    def __repr__(self) -> str:
-        return f"RangeType({self.key!r})"
-
 
 def subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> Iterator[tuple[str, argparse.ArgumentParser]]:
     """(name, parser) of every subcommand, nested ones as "train mlp"."""

@@ -62,13 +62,10 @@ def run_bench(
                         ("repeats", [repeats])):
         for value in values:
             ranges.check(f"bench.{key}", value)
+    bench_lengths(gen.max_context, prompt_lengths, new_tokens)  # ValueError unless every prompt fits
     rows = []
     for batch in batch_sizes:
         for length in prompt_lengths:
-            if length + new_tokens - 1 > gen.max_context:
-                raise ValueError(
-                    f"--prompt-tokens {length} + --new-tokens {new_tokens} exceed the context of {gen.max_context}"
-                )
             prompts = _prompts(gen, batch, length, seed=length * 1000 + batch)
             _timed(gen, prompts, min(2, new_tokens))
             first = statistics.median(_timed(gen, prompts, 1)[0] for _ in range(repeats))

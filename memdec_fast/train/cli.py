@@ -25,8 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from memdec_fast.cli.args import HelpFormatter
-
 __all__ = ["register"]
 
 
@@ -164,13 +162,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``train`` and its subcommands to the ``memdec-fast`` parser."""
-    train = subparsers.add_parser("train", help="build a memory for your own corpus (datastore, kNN targets, ...)",
-                                  formatter_class=HelpFormatter)
+    """Add ``train`` and its subcommands to the ``memdec-fast`` parser (whose parser class shows the defaults)."""
+    train = subparsers.add_parser("train", help="build a memory for your own corpus (datastore, kNN targets, ...)")
     sub = train.add_subparsers(dest="train_command", required=True, metavar="STEP")
 
     def step(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        return sub.add_parser(name, help=help, description=help)
 
     p = step("datastore", "keys (base hidden states) and values (next tokens) over a corpus")
     p.add_argument("--base", required=True, help="Hugging Face directory of the base LM")
