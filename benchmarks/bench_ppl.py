@@ -97,8 +97,8 @@ def worker(args: argparse.Namespace) -> None:
     ids = torch.randint(0, VOCAB - 1, (args.tokens,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         if args.worker == "ours":
-            from memdec_fast.generator import JointGenerator
-            from memdec_fast.ppl import perplexity
+            from memdec_fast.eval.perplexity import perplexity
+            from memdec_fast.generation.generator import JointGenerator
 
             gen = JointGenerator.from_pretrained(args.base, args.memory, device="cpu", dtype=torch.float32)
             run = lambda x: perplexity(gen, None, x, lmbda=args.lmbda, batch_size=args.batch_size,

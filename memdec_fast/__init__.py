@@ -19,18 +19,18 @@ import importlib
 __version__ = "0.1.0"
 
 # Nothing heavy loads at import: `memdec-fast --help` must not wait for torch.
-_SUBMODULES = ("ops", "reference")
+_SUBMODULES = {"ops": "memdec_fast.ops", "reference": "memdec_fast.ops.reference"}
 
 # Exported name -> the module that defines it. No exported name may also be a
 # submodule's name: importing a submodule binds it on the package, and would then
 # shadow the lazy attribute of the same name for good (tests/test_package.py checks).
 _LAZY = {
-    "build_info": "memdec_fast.build",
+    "build_info": "memdec_fast.ops.build_info",
     "Engine": "memdec_fast.engine",
-    "JointGenerator": "memdec_fast.generator",
-    "GenerationResult": "memdec_fast.generator",
-    "perplexity": "memdec_fast.ppl",
-    "PerplexityResult": "memdec_fast.ppl",
+    "JointGenerator": "memdec_fast.generation.generator",
+    "GenerationResult": "memdec_fast.generation.generator",
+    "perplexity": "memdec_fast.eval.perplexity",
+    "PerplexityResult": "memdec_fast.eval.perplexity",
 }
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
 def __getattr__(name: str):
     # Heavy modules (torch, models, transformers) load on first use, not at import.
     if name in _SUBMODULES:
-        return importlib.import_module(f"memdec_fast.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later lookups skip __getattr__

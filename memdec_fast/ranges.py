@@ -3,7 +3,7 @@
 ``RANGES`` maps ``"<op>.<parameter>"`` to a :class:`Range`; the functions that
 take those numbers check them with :func:`check`, and ``FLAGS`` ties each
 numeric flag of each ``memdec-fast`` subcommand to its entry, from which the
-parser takes its type (see ``memdec_fast.cli.apply_ranges``). So a value the
+parser takes its type (see ``memdec_fast.cli.args.apply_ranges``). So a value the
 parser lets through is one the op takes, and a bad one stops before any model
 loads. This module imports neither torch nor anything heavy: ``--help`` reads it.
 """
@@ -90,7 +90,7 @@ SAMPLING = {
     "top_p": Range(float, 0.0, 1.0, low_open=True),
     "min_p": _UNIT,
 }
-"""The ops' sampling parameters (memdec_fast.params.check_params)."""
+"""The ops' sampling parameters (memdec_fast.ops.params.check_params)."""
 
 RANGES: dict[str, Range] = {
     **{f"generate.{k}": v for k, v in SAMPLING.items()},

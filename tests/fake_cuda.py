@@ -112,6 +112,9 @@ class FakeCuda:
             "is_current_stream_capturing": lambda: self.capturing is not None,
         }.items():
             monkeypatch.setattr(cuda, name, value)
+        # a tensor used on another stream than its own: only logged (the CPU runs everything in order)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: self.log.append(("record_stream",
+                                                                                               stream.name)))
 
     def capture_calls_of(self, cls: type, method: str, placeholders: Callable | None = None) -> None:
         """Under capture, record calls of cls.method instead of running them (the graph's body).

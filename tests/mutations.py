@@ -39,62 +39,43 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("top_p_drops_its_boundary_token", "memdec_fast/reference.py",
+    Mutation("top_p_drops_its_boundary_token", "memdec_fast/ops/reference.py",
              [("above = (incl - sorted_p).gather(1, run_start)", "above = incl.gather(1, run_start)")],
              ["tests/test_ops.py"], "hf_warpers or exact_distribution"),
     Mutation("stop_hold_back_off_by_one", "memdec_fast/generation/text.py",
              [("for k in range(1, len(s)) if", "for k in range(1, len(s) - 1) if"),
               ("tail = text[max(0, len(text) - len(stop) + 1) :]", "tail = text[max(0, len(text) - len(stop) + 2) :]")],
              ["tests/test_generator.py", "tests/test_engine.py"], "holds_back"),
-    Mutation("engine_length_checked_before_stop_ids", "memdec_fast/engine/engine.py",
-             [("""        if row.finish_reason is None and token in req.stop_ids:
-            row.finish_reason = "eos" if token == self._eos else "stop"
-        if row.finish_reason is None and len(row.token_ids) == req.max_new_tokens:
-            row.finish_reason = "length"
-""", """        if row.finish_reason is None and len(row.token_ids) == req.max_new_tokens:
-            row.finish_reason = "length"
-        if row.finish_reason is None and token in req.stop_ids:
-            row.finish_reason = "eos" if token == self._eos else "stop"
+    Mutation("length_checked_before_stop_ids", "memdec_fast/generation/text.py",
+             [("""        if self.finish_reason is None and token in ending.stop_ids:
+            self.finish_reason = "eos" if token == ending.eos_id else "stop"
+        if self.finish_reason is None and len(self.token_ids) == ending.max_new_tokens:
+            self.finish_reason = "length"
+""", """        if self.finish_reason is None and len(self.token_ids) == ending.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is None and token in ending.stop_ids:
+            self.finish_reason = "eos" if token == ending.eos_id else "stop"
 """)],
-             ["tests/test_engine.py", "tests/test_server.py"], "last_token"),
+             ["tests/test_engine.py", "tests/test_server.py", "tests/test_generator.py"], "last_token"),
     Mutation("default_knn_temp_0.8", "memdec_fast/models/checkpoint.py",
              [('DEFAULT_MIXING = {"lmbda": 0.55, "knn_temp": 1.0}', 'DEFAULT_MIXING = {"lmbda": 0.55, "knn_temp": 0.8}')],
              ["tests/test_ppl.py", "tests/test_engine.py"], "defaults or reads_mixing"),
-    Mutation("capture_without_warm_up_restore", "memdec_fast/generation/cuda_graph.py",
-             [("""            main.wait_stream(self.stream)
-            _restore(entry, saved, tokens)
-            self.rng.set_state(rng_state)
-""", """            main.wait_stream(self.stream)
-            self.rng.set_state(rng_state)
-""")],
-             ["tests/test_cuda_graph.py"], "fake"),
-    # the tests added with issue 24
-    Mutation("capture_without_rng_reset", "memdec_fast/generation/cuda_graph.py",
-             [("""            _restore(entry, saved, tokens)
-            self.rng.set_state(rng_state)
-            graph = torch.cuda.CUDAGraph()
-""", """            _restore(entry, saved, tokens)
-            graph = torch.cuda.CUDAGraph()
-""")],
-             ["tests/test_cuda_graph.py"], "fake"),
-    Mutation("engine_capture_without_rng_reset", "memdec_fast/engine/step.py",
+    # the tests added with issue 24, retargeted to the one decode step (issue 21)
+    Mutation("capture_without_rng_reset", "memdec_fast/engine/step.py",
              [("""            main.wait_stream(self.stream)
             self.rng.set_state(rng_state)
             graph = torch.cuda.CUDAGraph()
 """, """            main.wait_stream(self.stream)
             graph = torch.cuda.CUDAGraph()
 """)],
-             ["tests/test_engine.py"], "fake"),
-    Mutation("failed_capture_leaves_the_capture_stream_current", "memdec_fast/generation/cuda_graph.py",
+             ["tests/test_engine.py", "tests/test_decode_step.py"], "fake"),
+    Mutation("failed_capture_leaves_the_capture_stream_current", "memdec_fast/engine/step.py",
              [("""            torch.cuda.set_stream(main)  # torch.cuda.graph leaves its stream current when capture_end raises
-            main.wait_stream(self.stream)
-            _restore(entry, saved, tokens)
-""", """            main.wait_stream(self.stream)
-            _restore(entry, saved, tokens)
-""")],
-             ["tests/test_cuda_graph.py"], "fake"),
-    Mutation("stop_id_row_keeps_no_text", "memdec_fast/generator.py",
-             [('            if not stop_strings or row.finish_reason != "stop":', '            if row.finish_reason != "stop":')],
+""", "")],
+             ["tests/test_engine.py", "tests/test_decode_step.py"], "fake"),
+    Mutation("stop_id_row_keeps_no_text", "memdec_fast/generation/text.py",
+             [("        if self.finish_reason is not None and not ending.track_text:",
+               "        if self.finish_reason == \"length\" and not ending.track_text:")],
              ["tests/test_generator.py"], "stop_ids or last_token"),
 ]
 

@@ -421,7 +421,7 @@ def test_from_pretrained_reads_mixing_and_serves(ckpts, tmp_path):
     engine = Engine.from_pretrained(ckpts["base"], ckpts["decoder"], max_batch=2, max_queue=4, cuda_graphs=True)
     with engine:
         assert (engine.max_batch, engine.max_queue, engine.max_context) == (2, 4, 64)
-        assert (engine.generator.lmbda, engine.generator.knn_temp) == (0.55, 1.0)  # upstream's: no memdec_config.json
+        assert (engine.pair.lmbda, engine.pair.knn_temp) == (0.55, 1.0)  # upstream's: no memdec_config.json
         assert isinstance(engine.submit("hi", max_new_tokens=2), concurrent.futures.Future)
 
 
@@ -458,7 +458,7 @@ def test_graph_replays_give_the_eager_engines_tokens(ckpts, memory):
 def fake_captured_engine(gen: JointGenerator, fake: FakeCuda, **kw) -> Engine:
     """An engine whose decode steps are captured and replayed by `fake` (ModelStep's capture path on the CPU)."""
     fake.capture_calls_of(ModelStep, "_decode_body",
-                          lambda step, rows, length: (torch.empty(rows, step.vocab), torch.empty(rows, step.vocab)))
+                          lambda step, rows, length: (torch.empty(rows, step.pair.vocab), torch.empty(rows, step.pair.vocab)))
     engine = Engine(gen, cuda_graphs=False, **kw)
     step = engine._step
     step.replay, step.stream, step.mempool = True, torch.cuda.Stream(), torch.cuda.graph_pool_handle()

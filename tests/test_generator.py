@@ -341,15 +341,16 @@ def finished_row_turns_nan(gen: JointGenerator, prompts: list[str], steps: int, 
     stop_id = want[0][0]
     if any(stop_id in ids for ids in want[1:]):
         pytest.skip("the first token of row 0 also ends another row for these random weights")
-    decode = gen.memory.decode
+    slot_forward = gen.memory.slot_forward
 
-    def nan_row_0(tokens: torch.Tensor):
-        logits, hidden = decode(tokens)
-        logits = logits.clone()
-        logits[0] = math.nan
+    def nan_row_0(tokens: torch.Tensor, positions, caches, rows, *args):
+        logits, hidden = slot_forward(tokens, positions, caches, rows, *args)
+        if isinstance(rows, slice):  # a decode step: row i is slot i, prompt i
+            logits = logits.clone()
+            logits[0] = math.nan
         return logits, hidden
 
-    monkeypatch.setattr(gen.memory, "decode", nan_row_0)
+    monkeypatch.setattr(gen.memory, "slot_forward", nan_row_0)
     return stop_id, [[stop_id]] + want[1:]
 
 

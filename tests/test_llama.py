@@ -7,12 +7,12 @@ import logging
 import pytest
 import torch
 from conftest import PAD_ROWS, save_mlp_memory
-from test_cuda_graph import PROMPTS, flat, shrinking_stop, with_static_step
+from test_decode_step import PROMPTS, flat
+from test_models import slot_steps
 from tiny_models import save_llama
 
 from memdec_fast import JointGenerator, ops
 from memdec_fast.engine import Engine
-from memdec_fast.generation.cuda_graph import unsupported_reason
 from memdec_fast.models import HFRunner, LlamaRunner, load_causal_lm, runners
 from memdec_fast.models.llama import unsupported
 
@@ -60,37 +60,24 @@ def test_logits_and_mlp_input_equal_transformers_prefill_and_20_decode_steps(lck
     assert isinstance(lean, LlamaRunner) and isinstance(hf, HFRunner)
     assert (lckpts[kind] / "model.safetensors.index.json").is_file() == (kind == "llama")  # sharded: read all shards
     lean.hidden_layer = hf.hidden_layer = 0
-    ids, mask = left_padded(tokenizer, PROMPTS)  # three prompts of different lengths: left padding
-    a, b = lean.prefill(ids, mask, ids.shape[1] + 21), hf.prefill(ids, mask, ids.shape[1] + 21)
+    ids, mask = left_padded(tokenizer, PROMPTS)  # three prompts of different lengths: left padding for transformers
+    b = [hf.prefill(ids, mask, ids.shape[1] + 21)]
+    for _ in range(20):
+        b.append(hf.decode(b[-1][0][:, : len(tokenizer)].argmax(-1)))
+    new = torch.stack([out[0][:, : len(tokenizer)].argmax(-1) for out in b[:-1]])  # [20, B] the tokens fed
+    a = slot_steps(lean, [tokenizer.encode(p) for p in PROMPTS], new)  # the lean runner: each row in its own slot
     for step in range(21):
-        torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=0, msg=f"{kind} logits, step {step}")
-        torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=0, msg=f"{kind} MLP input, step {step}")
-        if step == 20:
-            break
-        tokens = b[0][:, : len(tokenizer)].argmax(-1)
-        a, b = lean.decode(tokens), hf.decode(tokens)
+        torch.testing.assert_close(a[step][0], b[step][0], atol=1e-4, rtol=0, msg=f"{kind} logits, step {step}")
+        torch.testing.assert_close(a[step][1], b[step][1], atol=1e-4, rtol=0, msg=f"{kind} MLP input, step {step}")
     # a window scored without a cache (perplexity), last positions only
     torch.testing.assert_close(lean.forward(ids[:1, -5:], last=3)[0], hf.forward(ids[:1, -5:], last=3)[0],
                                atol=1e-4, rtol=0)
 
 
-def test_dropping_rows_keeps_the_other_rows_logits(lckpts, tokenizer):
-    lean, hf = (load_causal_lm(lckpts["qwen2"], CPU, torch.float32, lean=flag) for flag in (True, False))
-    ids, mask = left_padded(tokenizer, PROMPTS)
-    lean.prefill(ids, mask, ids.shape[1] + 4)
-    b = hf.prefill(ids, mask, ids.shape[1] + 4)
-    rows = torch.tensor([0, 2])
-    lean.keep_rows(rows)
-    hf.keep_rows(rows)
-    tokens = b[0][rows].argmax(-1)
-    torch.testing.assert_close(lean.decode(tokens)[0], hf.decode(tokens)[0], atol=1e-4, rtol=0)
-
-
-def test_slot_forward_equals_the_padded_batch(lckpts, tokenizer):
+def test_slot_forward_equals_each_row_alone(lckpts, tokenizer):
     """The engine's interface: rows of any lengths in caller-owned caches, each at its own positions."""
     lean = load_causal_lm(lckpts["llama"], CPU, torch.float32)
-    ids, mask = left_padded(tokenizer, PROMPTS)
-    want = lean.prefill(ids, mask, ids.shape[1])[0]
+    want = [lean.forward(torch.tensor([tokenizer.encode(p)]))[0][0, -1] for p in PROMPTS]
     caches = lean.new_slot_caches(4, 32)
     assert caches[0][0].shape == (4, 2, 32, 8)  # [slots, Hkv, S, Dh]
     for i, p in enumerate(PROMPTS):
@@ -117,44 +104,17 @@ def test_greedy_joint_generator_equals_the_reference_path(lckpts, base, memory):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
 
 
-def test_lean_llama_runners_can_run_as_cuda_graphs(lckpts):
-    gen = JointGenerator.from_pretrained(lckpts["qwen2"], lckpts["qwen2_mem"], lmbda=0.4, cuda_graphs=False)
-    gpu = torch.device("cuda")  # only the decision: nothing touches CUDA
-    assert unsupported_reason(gpu, gen.base, gen.memory, reference=False, compiled=True) is None
-    assert (gen.base.kv_heads, gen.base.head_dim, gen.memory.kv_heads, gen.memory.head_dim) == (2, 8, 3, 8)
-
-
-@compiled
-@pytest.mark.parametrize(("base", "memory"), [("qwen2", "qwen2_mem"), ("llama", "mlp")])
-def test_static_buffer_step_equals_eager(lckpts, base, memory):
-    """The CUDA-graph step (padded rows, pooled [B, Hkv, S, Dh] caches, bucket shrinking) run eagerly on the CPU."""
-    gen = JointGenerator.from_pretrained(lckpts[base], lckpts[memory], lmbda=0.4, knn_temp=0.8, cuda_graphs=False)
-    prompts = PROMPTS + ["héllo", "lazy dog"]  # 5 rows: bucket 8
-    stop = shrinking_stop(gen, prompts, 10)
-    want = gen.generate(prompts, max_new_tokens=10, stop=stop)
-    want_sampled = gen.generate(prompts, max_new_tokens=10, temperature=[0.0, 0.8, 1.2, 0.5, 1.0], seed=11)
-    graphs = with_static_step(gen, replay=False)
-    got = gen.generate(prompts, max_new_tokens=10, stop=stop)
-    assert got.token_ids == want.token_ids and got.finish_reasons == want.finish_reasons
-    assert (8, 64) in graphs.entries
-    got = gen.generate(prompts, max_new_tokens=10, temperature=[0.0, 0.8, 1.2, 0.5, 1.0], seed=11)
-    assert got.token_ids == want_sampled.token_ids
-
-
 @cuda
 @pytest.mark.parametrize(("base", "memory"), [("qwen2", "qwen2_mem"), ("llama", "mlp")])
 def test_graph_replay_equals_eager_on_cuda(lckpts, base, memory):
-    gen = JointGenerator.from_pretrained(lckpts[base], lckpts[memory], lmbda=0.4, knn_temp=0.8, device="cuda",
-                                         dtype=torch.float32, cuda_graphs=False)
-    want = gen.generate(PROMPTS, max_new_tokens=12)
-    want_sampled = gen.generate(PROMPTS, max_new_tokens=12, temperature=0.9, top_p=0.95, seed=5)
-    graphs = with_static_step(gen, replay=True)
-    got = gen.generate(PROMPTS, max_new_tokens=12)
-    assert any(e.graph is not None for e in graphs.entries.values())  # the steps did replay a graph
-    assert got.token_ids == want.token_ids
-    assert torch.allclose(flat(got.logprobs), flat(want.logprobs), atol=1e-4)
-    assert gen.generate(PROMPTS, max_new_tokens=12, temperature=0.9, top_p=0.95, seed=5).token_ids == \
-        want_sampled.token_ids
+    eager, graphed = (JointGenerator.from_pretrained(lckpts[base], lckpts[memory], lmbda=0.4, knn_temp=0.8,
+                                                     device="cuda", dtype=torch.float32, cuda_graphs=g)
+                      for g in (False, True))
+    for kw in ({}, {"temperature": 0.9, "top_p": 0.95, "seed": 5}):
+        want, got = eager.generate(PROMPTS, max_new_tokens=12, **kw), graphed.generate(PROMPTS, max_new_tokens=12, **kw)
+        assert got.token_ids == want.token_ids, kw
+        assert torch.allclose(flat(got.logprobs), flat(want.logprobs), atol=1e-4), kw
+    assert graphed._step.graphs  # the steps did replay a graph
 
 
 def test_engine_serves_a_lean_qwen2_pair(lckpts):

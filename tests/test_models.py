@@ -95,20 +95,44 @@ def test_hidden_state_is_the_input_of_the_mlp(ckpts, tokenizer):
     assert (hidden - seen[0]).abs().max() < 1e-5
 
 
+def slot_steps(runner, prompts: list[list[int]], new: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A lean runner as the engine's step drives it: the prompts prefilled into cache rows of their own in one
+    right-padded forward, then one decode step per row of `new` [steps, B], each row at its own position.
+    Returns (logits [B, V], hidden [B, D]) after the prefill and after each step."""
+    B, T = len(prompts), max(map(len, prompts))
+    length = T + new.shape[0]
+    caches = runner.new_slot_caches(B, length + 1)  # slot `length`: scratch for the padding
+    ids, pos = torch.zeros(B, T, dtype=torch.int64), torch.zeros(B, T, dtype=torch.int64)
+    slots = torch.full((B, T), length)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+        pos[i, : len(p)] = slots[i, : len(p)] = torch.arange(len(p))
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    outs = [runner.slot_forward(ids, pos, caches, torch.arange(B), length, slots, last)]
+    at = torch.tensor([len(p) for p in prompts])  # [B] each row's next position
+    for step in new:
+        outs.append(runner.slot_forward(step[:, None], at[:, None], caches, slice(0, B), length))
+        at = at + 1
+    return outs
+
+
 @pytest.mark.parametrize("runner", ["lean", "transformers"])
-def test_left_padded_prefill_and_decode_match_each_row_alone(ckpts, tokenizer, runner):
-    """Cached, left-padded steps give each row the logits of a plain forward over that row alone."""
+def test_cached_steps_match_each_row_alone(ckpts, tokenizer, runner):
+    """Cached steps (the lean runner's slot caches, transformers' left-padded batch) give each row the logits of a
+    plain forward over that row alone."""
     model = hf(ckpts["base"])
     r = GPT2Runner(GPT2.from_pretrained(ckpts["base"])) if runner == "lean" else HFRunner(hf(ckpts["base"]))
     r.hidden_layer = -1
     lengths, steps = [7, 3, 5], 4
     prompts = [random_ids(tokenizer, n, seed=n).tolist() for n in lengths]
-    T = max(lengths)
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
-    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
-    logits, hidden = r.prefill(ids, mask, T + steps)
     new = random_ids(tokenizer, steps, 3, seed=99)
-    outs = [(logits, hidden)] + [r.decode(new[s]) for s in range(steps)]
+    if runner == "lean":
+        outs = slot_steps(r, prompts, new)
+    else:
+        T = max(lengths)
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+        mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
+        outs = [r.prefill(ids, mask, T + steps)] + [r.decode(new[s]) for s in range(steps)]
     for b, p in enumerate(prompts):
         full = torch.tensor([p + new[:, b].tolist()])
         seen = []
@@ -121,10 +145,10 @@ def test_left_padded_prefill_and_decode_match_each_row_alone(ckpts, tokenizer, r
             assert (hd[b] - seen[0][0, len(p) - 1 + s]).abs().max() < 1e-4, (b, s)
 
 
-@pytest.mark.parametrize("runner", ["lean", "transformers"])
-def test_keep_rows_drops_rows_without_changing_the_others(ckpts, tokenizer, runner):
-    make = (lambda: GPT2Runner(GPT2.from_pretrained(ckpts["base"]))) if runner == "lean" else (
-        lambda: HFRunner(hf(ckpts["base"])))
+def test_keep_rows_drops_rows_without_changing_the_others(ckpts, tokenizer):
+    def make():
+        return HFRunner(hf(ckpts["base"]))
+
     ids = random_ids(tokenizer, 3, 6)
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[1, :2] = False

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import memdec_fast
-from memdec_fast.generator import JointGenerator
-from memdec_fast.ppl import PerplexityResult, perplexity, plan_windows
+from memdec_fast.eval.perplexity import PerplexityResult, perplexity, plan_windows
+from memdec_fast.generation.generator import JointGenerator
 
 LMBDAS = [0.0, 0.25, 0.55, 1.0]
 
@@ -240,8 +240,8 @@ def test_path_base_needs_a_memory(ckpts, ids):
 
 _PEAK_SCRIPT = """
 import json, re, sys, torch
-from memdec_fast.generator import JointGenerator
-from memdec_fast.ppl import perplexity
+from memdec_fast.generation.generator import JointGenerator
+from memdec_fast.eval.perplexity import perplexity
 
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024

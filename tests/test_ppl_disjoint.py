@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memdec_fast import perplexity
-from memdec_fast.ppl import plan_windows
+from memdec_fast.eval.perplexity import plan_windows
 
 
 def float64_disjoint_ppl(base, memory, ids: list[int], block: int, lmbda: float, knn_temp: float, vocab: int) -> dict:

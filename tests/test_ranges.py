@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 
-from memdec_fast import cli, params
+from memdec_fast import cli
 from memdec_fast.cli.args import RangeType, subcommands
+from memdec_fast.ops import params
 from memdec_fast.ranges import FLAGS, FLOAT32_MAX, RANGES, Range, check
 
 SERVER_ONLY = {"serve.port", "serve.drain_timeout", "serve.max_body_bytes"}  # settings of the server process itself, no op behind them

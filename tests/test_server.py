@@ -555,7 +555,7 @@ def _serve_process(pair, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen,
     """`memdec-fast serve` as a process on an ephemeral port; returns it and its base URL once it serves."""
     env = os.environ | {"PYTHONPATH": str(Path(memdec_fast.__file__).parents[1])}
     out = tmp_path / "stdout"
-    cmd = [sys.executable, "-m", "memdec_fast.server.cli", "serve", "--base", str(pair[0]), "--memory", str(pair[1]),
+    cmd = [sys.executable, "-m", "memdec_fast.cli", "serve", "--base", str(pair[0]), "--memory", str(pair[1]),
            "--device", "cpu", "--port", "0", "--json", "--log-level", "warning", *flags]
     with open(out, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)

@@ -246,7 +246,7 @@ def test_a_cache_too_large_for_memory_is_refused_with_its_size(pair, tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "memdec_fast.server.cli", "serve", "--base", str(pair[0]), "--memory",
+    cmd = [sys.executable, "-m", "memdec_fast.cli", "serve", "--base", str(pair[0]), "--memory",
            str(pair[1]), "--device", "cpu", "--port", "0", "--max-batch", "100000000"]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr

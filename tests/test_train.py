@@ -256,7 +256,7 @@ def test_ivfpq_index_for_large_datastores(small_ds):
 
 
 def test_shipped_pair_joint_ppl_beats_base():
-    from memdec_fast.ppl import perplexity
+    from memdec_fast.eval.perplexity import perplexity
 
     mix = json.loads((DEMO_DIR / "memory" / "memdec_config.json").read_text())
     res = perplexity(str(BASE), str(DEMO_DIR / "memory"), DEMO_DIR / "domain_heldout.txt", lmbda=mix["lmbda"],

@@ -98,7 +98,7 @@ def test_decoder_writes_default_mixing_without_tune_text(ds, tmp_path):
 
 @pytest.mark.parametrize("kind", ["decoder", "mlp"])
 def test_trainer_writes_mixing_tuned_on_validation_text(ds, tmp_path, kind):
-    from memdec_fast.ppl import perplexity
+    from memdec_fast.eval.perplexity import perplexity
 
     out = train(kind, ds, tmp_path / "mem", tune_texts=TUNE, knn_temps=(1.0, 2.0), tuned_on="val.txt")
     saved = json.loads((out / "memdec_config.json").read_text())

@@ -93,8 +93,8 @@ def _context(args: argparse.Namespace) -> int:
     config says n_positions=1), so only the base bounds the context then. A --memory-type that contradicts the
     memory's weights is refused here, before anything loads.
     """
-    from memdec_fast.generation.checks import resolve_memory_type
     from memdec_fast.models.checkpoint import load_config
+    from memdec_fast.models.checks import resolve_memory_type
 
     base, memory = pair_paths(args)
     kind = resolve_memory_type(memory, args.memory_type, key="--memory-type")

@@ -30,7 +30,7 @@ import torch
 
 from memdec_fast.engine.bridge import FutureSink, RequestStream, StreamChannel
 from memdec_fast.engine.scheduler import Request, Scheduler, Sink
-from memdec_fast.engine.step import ModelStep, batch_bucket
+from memdec_fast.engine.step import ModelStep
 from memdec_fast.engine.types import EngineClosed, InvalidArgument, RequestFailed, RequestOutput, StreamDelta
 from memdec_fast.generation.requests import (
     check_one_prompt,
@@ -40,7 +40,8 @@ from memdec_fast.generation.requests import (
     parse_stop,
     sampling_params,
 )
-from memdec_fast.generator import JointGenerator
+from memdec_fast.generation.text import Ending
+from memdec_fast.models.pair import ModelPair
 
 __all__ = ["Engine"]
 
@@ -69,7 +70,7 @@ PREFILL_CHUNK = 512
 
 
 class Engine:
-    """Continuous batching over a :class:`memdec_fast.JointGenerator`'s models.
+    """Continuous batching over a model pair (:class:`memdec_fast.models.pair.ModelPair`).
 
     Up to ``max_batch`` requests run at once, each in its own cache slot at its own length;
     up to ``max_queue`` more wait. A request's tokens do not depend on the others in the
@@ -78,10 +79,10 @@ class Engine:
 
     Parameters
     ----------
-    generator : JointGenerator
-        Already loaded models (a base on memdec_fast's lean GPT-2 or Llama family; a lean
-        Memory Decoder or an MLP Memory). The engine owns them from now on: do not generate with the generator
-        while the engine runs. Bases or memories running in transformers raise ValueError.
+    pair : ModelPair, or anything holding one as ``.pair`` (a JointGenerator)
+        Loaded models on memdec_fast's lean GPT-2 or Llama family (a lean Memory Decoder or an
+        MLP Memory). The engine owns them from now on: do not generate with a JointGenerator over
+        the same pair while the engine runs. A pair running in transformers raises ValueError.
     max_batch : int
         Cache slots: requests decoding at once. The caches of all slots are allocated here
         (max_batch x context positions per model).
@@ -110,22 +111,21 @@ class Engine:
     ...     print(out.text, out.finish_reason)
     """
 
-    def __init__(self, generator: JointGenerator, max_batch: int = 32, max_queue: int = 256,
+    def __init__(self, pair: ModelPair, max_batch: int = 32, max_queue: int = 256,
                  prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True, max_context: int | None = None):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                                  ("prefill_chunk", prefill_chunk, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-        gen = generator
-        self.generator, self.tokenizer, self.vocab, self.device = gen, gen.tokenizer, gen.vocab, gen.device
-        self.max_context = gen.max_context if gen.is_mlp else min(gen.max_context, gen.memory.max_context)
+        pair = getattr(pair, "pair", pair)
+        self.pair, self.tokenizer, self.vocab, self.device = pair, pair.tokenizer, pair.vocab, pair.device
+        self.max_context = pair.max_context
         if max_context is not None:
             if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2:
                 raise ValueError(f"max_context: expected an int >= 2, got {max_context!r}")
             self.max_context = min(self.max_context, max_context)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self._step = ModelStep(gen.base, gen.memory, gen.vocab, self.max_context, max_batch,
-                               reference=gen.reference, cuda_graphs=cuda_graphs)
+        self._step = ModelStep(pair, self.max_context, max_batch, cuda_graphs=cuda_graphs)
         self._sched = Scheduler(max_batch, max_queue, prefill_chunk)
         self._eos = self.tokenizer.eos_token_id
         self._tok_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
@@ -141,42 +141,26 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls,
-        base: str | os.PathLike,
-        memory: str | os.PathLike,
-        memory_type: str = "auto",
-        lmbda: float | None = None,
-        knn_temp: float | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        tokenizer=None,
-        base_temp: float = 1.0,
-        cuda_graphs: bool = True,
-        max_batch: int = 32,
-        max_queue: int = 256,
-        prefill_chunk: int = PREFILL_CHUNK,
-        max_context: int | None = None,
+        cls, base: str | os.PathLike, memory: str | os.PathLike, *, cuda_graphs: bool = True, max_batch: int = 32,
+        max_queue: int = 256, prefill_chunk: int = PREFILL_CHUNK, max_context: int | None = None, **load,
     ) -> Engine:
-        """Load a base and its memory (see :meth:`JointGenerator.from_pretrained`) and wrap them in an Engine.
+        """Load a base and its memory and wrap them in an Engine.
 
         Parameters
         ----------
-        base, memory, memory_type, device, dtype, tokenizer, base_temp :
-            As in :meth:`JointGenerator.from_pretrained`.
-        lmbda, knn_temp : float, optional
-            Default: the values stored with the memory, as in :meth:`JointGenerator.from_pretrained`.
+        base, memory : str or PathLike, checkpoints on memdec_fast's lean models
         cuda_graphs, max_batch, max_queue, prefill_chunk, max_context :
             As in :class:`Engine`.
+        **load :
+            memory_type, lmbda, knn_temp (default: the values stored with the memory), base_temp,
+            device, dtype, tokenizer: see :meth:`memdec_fast.models.pair.ModelPair.from_pretrained`.
 
         Example
         -------
         >>> engine = Engine.from_pretrained("gpt2-xl", "path/to/memory", max_batch=32, max_queue=256)
         """
-        gen = JointGenerator.from_pretrained(base, memory, memory_type=memory_type, lmbda=lmbda, knn_temp=knn_temp,
-                                             device=device, dtype=dtype, tokenizer=tokenizer, base_temp=base_temp,
-                                             cuda_graphs=False)
-        return cls(gen, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                   cuda_graphs=cuda_graphs, max_context=max_context)
+        return cls(ModelPair.from_pretrained(base, memory, **load), max_batch=max_batch, max_queue=max_queue,
+                   prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs, max_context=max_context)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -257,9 +241,9 @@ class Engine:
             check_prompt_length(len(ids), s["max_new_tokens"], self.max_context)
         except ValueError as err:
             raise InvalidArgument("prompt", str(err).removeprefix("prompt ")) from None
-        gen = self.generator
-        values = {"lmbda": gen.lmbda if s["lmbda"] is None else s["lmbda"], "knn_temp": gen.knn_temp,
-                  "base_temp": gen.base_temp, **{k: s[k] for k in ("temperature", "top_k", "top_p", "min_p")}}
+        pair = self.pair
+        values = {"lmbda": pair.lmbda if s["lmbda"] is None else s["lmbda"], "knn_temp": pair.knn_temp,
+                  "base_temp": pair.base_temp, **{k: s[k] for k in ("temperature", "top_k", "top_p", "min_p")}}
         params = {}
         for name, value in values.items():
             with _blame(name):
@@ -273,8 +257,10 @@ class Engine:
         elif not isinstance(rid, str):
             raise InvalidArgument("request_id", f"expected a str or None, got {rid!r}")
         rng = None if s["seed"] is None else self._step.new_rng(s["seed"])
-        return Request(rid, ids, s["max_new_tokens"], params, rng, stop_ids, stop_strings,
-                       isinstance(sink, StreamChannel), sink)
+        streaming = isinstance(sink, StreamChannel)
+        ending = Ending(s["max_new_tokens"], frozenset(stop_ids), tuple(stop_strings), self._eos,
+                        streaming or bool(stop_strings))
+        return Request(rid, ids, params, rng, ending, streaming, sink)
 
     def _encoder(self):
         """This thread's copy of the tokenizer, for encoding requests: a long prompt encodes in its caller's
@@ -306,7 +292,7 @@ class Engine:
         temperature, top_k, top_p, min_p : HF-style sampling of the mixture; temperature 0 (default) is greedy
         seed : int, optional; the same seed gives the same tokens as JointGenerator.generate alone
         stop : token id, string, or a list of them
-        lmbda : float, optional; default the generator's
+        lmbda : float, optional; default the pair's
         request_id : str, optional; default "req-<n>"
 
         Returns
@@ -406,7 +392,7 @@ class Engine:
             record["prefill"].append((req.request_id, start, end))
             self.stats["prefill_tokens"] += end - start
             if end == len(req.prompt):
-                self._guard(req, lambda r=req, lg=logits: self._emit(r, *step.sample(lg, r.params, r.rng)))
+                self._guard(req, lambda r=req, lg=logits: self._emit(r, *step.sample_one(lg, r.params, r.rng)))
         rows = sched.decode_rows()
         if rows:
             try:
@@ -430,15 +416,19 @@ class Engine:
     def _decode(self, rows: list[Request]) -> tuple[list[int], list[float]]:
         """One batched decode step of `rows`; each slot's token and log p."""
         busy = [r for r in self._sched.admitted if r.slot is not None]
-        n = batch_bucket(max(r.slot for r in busy) + 1, self.max_batch)
+        n = self._step.bucket(max(r.slot for r in busy) + 1)
         tokens, positions = [0] * n, [0] * n
         for r in busy:
             if r.slot < n:  # a request in prefill feeds a dummy token where its next chunk will write
                 positions[r.slot] = r.position
         for r in rows:
             tokens[r.slot] = r.row.token_ids[-1]
-        seeded = {r.slot: (r.params, r.rng) for r in rows if r.rng is not None}
-        return self._step.decode(tokens, positions, seeded)
+        logits, out_tokens, out_logprobs = self._step.decode(tokens, positions)
+        for r in rows:  # a seeded request draws from its own generator, as it would alone
+            if r.rng is not None:
+                row_logits = (logits[0][r.slot : r.slot + 1], logits[1][r.slot : r.slot + 1])
+                out_tokens[r.slot], out_logprobs[r.slot] = self._step.sample_one(row_logits, r.params, r.rng)
+        return out_tokens, out_logprobs
 
     def _isolated(self, plan: list, run) -> list:
         """[(item, logits of that item)] of run(plan); when the batch fails, each item runs alone and the ones
@@ -480,20 +470,10 @@ class Engine:
                 f"request {req.request_id}: the models produced NaN or infinite logits at token {len(row.token_ids)}"))
             return
         self.stats["tokens"] += 1
-        row.token_ids.append(token)
-        row.logprobs.append(logprob)
-        if req.track_text:
-            with self._tok_lock:
-                row.update_text(self.tokenizer, req.stop_strings)  # a stop string sets finish_reason "stop"
-        if row.finish_reason is None and token in req.stop_ids:
-            row.finish_reason = "eos" if token == self._eos else "stop"
-        if row.finish_reason is None and len(row.token_ids) == req.max_new_tokens:
-            row.finish_reason = "length"
-        if row.finish_reason is not None and not req.track_text:
-            with self._tok_lock:
-                row.update_text(self.tokenizer, [])
+        with self._tok_lock:
+            row.add(token, logprob, req.ending, self.tokenizer)
         if req.streaming:
-            text = row.stable_text(req.stop_strings)
+            text = row.stable_text(req.ending.stop_strings)
             req.sink.delta(StreamDelta(
                 req.request_id, text[req.sent_text:], row.token_ids[req.sent_tokens:], row.logprobs[req.sent_tokens:],
                 row.finish_reason, len(req.prompt),

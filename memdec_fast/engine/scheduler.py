@@ -19,8 +19,8 @@ from typing import Protocol
 import torch
 
 from memdec_fast.engine.types import EngineOverloaded, RequestOutput, StreamDelta
-from memdec_fast.generation.text import Row
-from memdec_fast.params import Param
+from memdec_fast.generation.text import Ending, Row
+from memdec_fast.ops.params import Param
 
 
 class Sink(Protocol):
@@ -37,11 +37,9 @@ class Request:
 
     request_id: str
     prompt: list[int]
-    max_new_tokens: int
     params: dict[str, Param]  # lmbda, knn_temp, base_temp, temperature, top_k, top_p, min_p; checked
     rng: torch.Generator | None  # a seeded request's own generator, else None (the engine's shared one)
-    stop_ids: set[int]  # EOS included
-    stop_strings: list[str]
+    ending: Ending  # max_new_tokens, stop ids and strings; track_text for streams and stop strings
     streaming: bool
     sink: Sink
     row: Row = field(default_factory=Row)
@@ -50,11 +48,6 @@ class Request:
     sent_text: int = 0  # characters already streamed
     sent_tokens: int = 0  # tokens already streamed
     cancelled: bool = False
-
-    @property
-    def track_text(self) -> bool:
-        """Decode the text after every token (streams and stop strings need it)."""
-        return self.streaming or bool(self.stop_strings)
 
     @property
     def decoding(self) -> bool:

@@ -1,4 +1,6 @@
-"""The engine's model work over its cache slots: one prefill chunk of one request, or one decode step of all.
+"""The one decode step: a model pair's work over cache slots, for the Engine and JointGenerator alike.
+
+Each step is one prefill of prompt chunks, or one decode step of every busy slot.
 
 Caches: per model and block, (k, v) [max_batch, H, S + 1, Dh] with S the engine's context; row i is
 slot i. A request's token at position p is written to slot p of its row, so requests of any lengths
@@ -14,9 +16,9 @@ their next write position; that slot is overwritten before anything reads it.
 
 Everything the step reads sits in static buffers (tokens, positions, the [max_batch, 7] parameter
 table), so on CUDA the step of each (Bk, L) is captured once as a CUDA graph and replayed; anywhere
-else, or when capture fails, the very same function runs eagerly. Unseeded rows share one batched
-sampler call inside the step; a seeded request's row is then sampled again with its own generator,
-outside the graph, so that it draws exactly what it would draw alone in JointGenerator.
+else, or when capture fails, the very same function runs eagerly (one log line says why). Rows share
+one batched sampler call inside the step; a row that must draw from its own generator (a seeded request)
+is sampled again from the step's logits, outside the graph, by the caller.
 """
 
 from __future__ import annotations
@@ -26,37 +28,51 @@ import math
 
 import torch
 
-from memdec_fast import ops, reference
-from memdec_fast.generation import cuda_graph
-from memdec_fast.models import LeanRunner, MLPMemory
-from memdec_fast.params import Param
+from memdec_fast import ops
+from memdec_fast.models.pair import Logits, ModelPair
+from memdec_fast.ops import reference
+from memdec_fast.ops.params import Param
 
 logger = logging.getLogger(__name__)
 
-Logits = tuple[torch.Tensor, torch.Tensor]
-"""(base_logits, mem_logits) [B, V], cut to the tokenizer's vocabulary."""
+MIN_LENGTH = 64
+"""Smallest cache-length bucket a decode step reads, so that short requests share one graph."""
 
 
 def batch_bucket(rows: int, max_batch: int) -> int:
-    """Rows a decode step runs for `rows` busy rows: the next power of two, at most max_batch."""
+    """Rows a decode step runs for `rows` busy rows: the next power of two, at most max_batch.
+
+    Example
+    -------
+    >>> [batch_bucket(n, 32) for n in (1, 2, 3, 5, 33)]
+    [1, 2, 4, 8, 32]
+    """
     return min(1 << (rows - 1).bit_length(), max_batch)
 
 
-def unsupported_model(base: object, memory: object) -> str | None:
-    """Why the engine cannot serve these models, or None."""
-    for name, m in (("base", base), ("memory", memory)):
-        if not isinstance(m, (LeanRunner, MLPMemory)) or (name == "base" and isinstance(m, MLPMemory)):
-            model = getattr(m, "model", m)
-            arch = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-            return (f"the {name} is a {arch!r} model running in transformers; the engine's slot cache serves "
-                    "memdec_fast's lean models only (GPT-2, Llama, Qwen2, Mistral): use JointGenerator")
+def length_bucket(length: int, context: int) -> int:
+    """Cache slots a decode step reads for rows reaching `length` positions: the next power of two, at least
+    :data:`MIN_LENGTH`, at most `context` (attention reads every slot, so the bucket stays tight)."""
+    if not 1 <= length <= context:
+        raise ValueError(f"length: expected 1 <= length <= {context}, got {length}")
+    return min(max(1 << (length - 1).bit_length(), MIN_LENGTH), context)
+
+
+def graph_reason(pair: ModelPair) -> str | None:
+    """Why the pair's decode step cannot run as a CUDA graph, or None when it can. Touches no device."""
+    if pair.device.type != "cuda":
+        return f"the models are on {pair.device.type}, not CUDA"
+    if pair.reference:
+        return "reference=True runs the reference ops"
+    if not ops.compiled_available():
+        return "the compiled extension memdec_fast._C is missing (the graph samples with its CUDA kernel)"
     return None
 
 
-def cache_bytes(runners: list[LeanRunner], slots: int, length: int) -> int:
-    """Bytes of the slot caches of `runners`: per block, k and v [slots, Hkv, length, Dh]."""
+def cache_bytes(pair: ModelPair, slots: int, length: int) -> int:
+    """Bytes of the pair's slot caches: per lean runner and block, k and v [slots, Hkv, length, Dh]."""
     total = 0
-    for r in runners:
+    for r in pair.runners():
         model = r.model
         elements = math.prod(model.kv_shape(slots, length))
         total += 2 * len(model.attention_blocks()) * elements * next(model.parameters()).element_size()
@@ -74,42 +90,43 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
-def check_cache_fits(runners: list[LeanRunner], slots: int, length: int, device: torch.device) -> None:
+def check_cache_fits(pair: ModelPair, slots: int, length: int) -> None:
     """ValueError naming the sizes when the caches would not fit in memory: refuse before the allocator (or the
     OOM killer, which may pick another process) decides."""
-    need, free = cache_bytes(runners, slots, length), available_bytes(device)
+    need, free = cache_bytes(pair, slots, length), available_bytes(pair.device)
     if need > free:
         raise ValueError(f"the KV caches of {slots} slots x {length} positions need {need / 2**30:.1f} GiB, but "
-                         f"{free / 2**30:.1f} GiB are available on {device}: lower --max-batch or --max-context")
+                         f"{free / 2**30:.1f} GiB are available on {pair.device}: lower --max-batch or --max-context")
 
 
 class ModelStep:
-    """Slot caches, static step buffers and (on CUDA) the decode graphs of one base and memory.
+    """Slot caches, static step buffers and (on CUDA) the decode graphs of one lean model pair.
 
     Parameters
     ----------
-    base : LeanRunner
-    memory : LeanRunner (a Memory Decoder) or MLPMemory (reads the base's hidden state)
-    vocab : int, the tokenizer's vocabulary (padded logit rows are cut)
+    pair : ModelPair on memdec_fast's lean models (``pair.lean``)
     context : int, positions per row (the caches hold one more slot: scratch for prefill padding)
     max_batch : int, cache rows
-    reference : bool, sample with :mod:`memdec_fast.reference`
     cuda_graphs : bool, capture decode steps on CUDA (ignored elsewhere)
+
+    Example
+    -------
+    >>> step = ModelStep(pair, context=256, max_batch=4)
+    >>> logits = step.prefill([(0, [464, 3290], 0), (1, [318], 0)])  # two [2, V]
+    >>> logits, tokens, logprobs = step.decode([11, 12], [2, 1])  # rows 0 and 1, at their next positions
     """
 
-    def __init__(self, base: LeanRunner, memory: LeanRunner | MLPMemory, vocab: int, context: int, max_batch: int,
-                 reference: bool = False, cuda_graphs: bool = True):
-        reason = unsupported_model(base, memory)
-        if reason is not None:
-            raise ValueError(f"Engine: {reason}")
-        self.base, self.memory, self.vocab, self.context, self.max_batch = base, memory, vocab, context, max_batch
-        self.device = base.device
-        self.decoder = isinstance(memory, LeanRunner)
-        self.runners = [base] + ([memory] if self.decoder else [])
-        self.reference = reference or not ops.compiled_available()
+    def __init__(self, pair: ModelPair, context: int, max_batch: int, cuda_graphs: bool = True):
+        if not pair.lean:
+            arch = getattr(pair.base.model.config, "model_type", None) or type(pair.base.model).__name__
+            raise ValueError(f"Engine: the base is a {arch!r} model running in transformers; the engine's slot caches "
+                             "serve memdec_fast's lean models only (GPT-2, Llama, Qwen2, Mistral): use JointGenerator")
+        self.pair, self.context, self.max_batch = pair, context, max_batch
+        self.device = pair.device
+        self.reference = pair.reference or not ops.compiled_available()
         self.on_device_rng = self.device.type == "cuda" and not self.reference
-        check_cache_fits(self.runners, max_batch, context + 1, self.device)
-        self.caches = [r.new_slot_caches(max_batch, context + 1) for r in self.runners]  # slot `context`: scratch
+        check_cache_fits(pair, max_batch, context + 1)
+        self.caches = pair.new_slot_caches(max_batch, context + 1)  # slot `context`: scratch
         self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] fed tokens
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] their positions
         self.table = ops.pack_row_params(max_batch, self.device)  # [max_batch, 7] sampling parameters per slot
@@ -117,25 +134,30 @@ class ModelStep:
         self.out_logprobs = torch.zeros(max_batch, dtype=torch.float32, device=self.device)  # [max_batch]
         self.rng = torch.Generator(self.device if self.on_device_rng else "cpu")
         self.rng.seed()
-        reason = cuda_graph.unsupported_reason(self.device, base, memory, self.reference, ops.compiled_available())
+        reason = graph_reason(pair)
         self.replay = cuda_graphs and reason is None
         if cuda_graphs and reason is not None:
             level = logging.WARNING if self.device.type == "cuda" else logging.INFO
-            logger.log(level, "memdec_fast engine: CUDA graphs off, decoding eagerly: %s", reason)
+            logger.log(level, "memdec_fast: CUDA graphs off, decoding eagerly: %s", reason)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Logits]] = {}
         if self.replay:
             self.stream = torch.cuda.Stream(self.device)  # warm-up and capture
             self.mempool = torch.cuda.graph_pool_handle()  # shared: graphs replay one at a time
 
+    def bucket(self, rows: int) -> int:
+        """Rows a decode step runs when rows [0, rows) are busy (:func:`batch_bucket`)."""
+        return batch_bucket(rows, self.max_batch)
+
     # -- per-slot state ---------------------------------------------------------------------------
 
     def new_rng(self, seed: int) -> torch.Generator:
-        """A seeded request's generator, made as JointGenerator makes it (same seed alone, same tokens)."""
+        """A seeded generator, on the device the sampler draws from (same seed, same tokens)."""
         return torch.Generator(self.device if self.on_device_rng else "cpu").manual_seed(seed)
 
     @torch.inference_mode()
-    def set_params(self, slot: int, params: dict[str, Param]) -> None:
-        self.table[slot].copy_(ops.pack_row_params(1, self.device, **params)[0])
+    def set_params(self, first: int, params: dict[str, Param], rows: int = 1) -> None:
+        """Write the sampling parameters of slots [first, first + rows): scalars, or tensors [rows]."""
+        self.table[first : first + rows].copy_(ops.pack_row_params(rows, self.device, **params))
 
     @torch.inference_mode()
     def clear_slot(self, slot: int, upto: int | None = None) -> None:
@@ -148,10 +170,15 @@ class ModelStep:
 
     # -- sampling ---------------------------------------------------------------------------------
 
-    def sample(self, logits: Logits, params: dict[str, Param], rng: torch.Generator | None) -> tuple[int, float]:
-        """One row [1, V] sampled eagerly, as JointGenerator samples a request alone."""
+    def sample(self, logits: Logits, params: dict[str, Param], rng: torch.Generator | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [B, V] sampled eagerly with their parameters (scalars or [B]): tokens [B], log p [B]."""
         fn = reference.sample if self.reference else ops.sample
-        token, logprob = fn(*logits, **params, generator=rng or self.rng)
+        return fn(*logits, **params, generator=rng or self.rng)
+
+    def sample_one(self, logits: Logits, params: dict[str, Param], rng: torch.Generator | None) -> tuple[int, float]:
+        """One row [1, V] sampled eagerly, as it would be sampled alone: its token and log p."""
+        token, logprob = self.sample(logits, params, rng)
         return int(token[0]), float(logprob[0])
 
     def _sample_table(self, base_logits: torch.Tensor, mem_logits: torch.Tensor, table: torch.Tensor):
@@ -181,46 +208,34 @@ class ModelStep:
         rows = torch.tensor([slot for slot, _, _ in chunks])  # [B]
         last = torch.tensor([len(t) - 1 for _, t, _ in chunks])  # [B]
         length = max(start + len(t) for _, t, start in chunks)
-        dev = [x.to(self.device) for x in (ids, pos, slots, rows, last)]
-        return self._forward(dev[0], dev[1], dev[3], length, dev[2], dev[4])
-
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, rows: slice | torch.Tensor, length: int,
-                 slots: torch.Tensor | None = None, last: torch.Tensor | None = None) -> Logits:
-        base_logits, hidden = self.base.slot_forward(ids, pos, self.caches[0], rows, length, slots, last)
-        if self.decoder:
-            mem_logits = self.memory.slot_forward(ids, pos, self.caches[1], rows, length, slots, last)[0]
-        else:
-            mem_logits = self.memory(hidden)
-        return base_logits[:, : self.vocab], mem_logits[:, : self.vocab]
+        ids, pos, slots, rows, last = (x.to(self.device) for x in (ids, pos, slots, rows, last))
+        return self.pair.slot_forward(self.caches, ids, pos, rows, length, slots, last)
 
     # -- decode -----------------------------------------------------------------------------------
 
     def _decode_body(self, rows: int, length: int) -> Logits:
         """The captured step: rows' tokens at their positions -> logits and samples in the static buffers."""
-        logits = self._forward(self.tokens[:rows, None], self.positions[:rows, None], slice(0, rows), length)
+        logits = self.pair.slot_forward(self.caches, self.tokens[:rows, None], self.positions[:rows, None],
+                                        slice(0, rows), length)
         tokens, logprobs = self._sample_table(*logits, self.table[:rows])
         self.out_tokens[:rows].copy_(tokens)
         self.out_logprobs[:rows].copy_(logprobs)
         return logits
 
     @torch.inference_mode()
-    def decode(
-        self, tokens: list[int], positions: list[int], seeded: dict[int, tuple[dict[str, Param], torch.Generator]]
-    ) -> tuple[list[int], list[float]]:
-        """One decode step over rows [0, len(tokens)) (a bucket size); each row's token and log p.
+    def decode(self, tokens: list[int], positions: list[int]) -> tuple[Logits, list[int], list[float]]:
+        """One decode step over rows [0, len(tokens)) (a :meth:`bucket` size), each row's token at its position.
 
-        seeded: row -> (params, generator) of the rows a seeded request holds; they are sampled
-        again from their own generator (the batched sample of those rows is discarded).
+        Returns the logits (two [rows, V], views of static buffers, valid until the next step) and each
+        row's token and log p, drawn in one batched call with the parameter table and :attr:`rng`.
+        A row whose request samples with its own generator is sampled again from the logits by its caller.
         """
         rows = len(tokens)
-        length = cuda_graph.length_bucket(max(positions) + 1, self.context)
+        length = length_bucket(max(positions) + 1, self.context)
         self.tokens[:rows].copy_(torch.tensor(tokens))
         self.positions[:rows].copy_(torch.tensor(positions))
         logits = self._run(rows, length)
-        out_tokens, out_logprobs = self.out_tokens[:rows].tolist(), self.out_logprobs[:rows].tolist()
-        for r, (params, rng) in seeded.items():
-            out_tokens[r], out_logprobs[r] = self.sample((logits[0][r : r + 1], logits[1][r : r + 1]), params, rng)
-        return out_tokens, out_logprobs
+        return logits, self.out_tokens[:rows].tolist(), self.out_logprobs[:rows].tolist()
 
     @torch.inference_mode()
     def decode_one(self, slot: int, token: int, position: int, params: dict[str, Param],
@@ -229,8 +244,8 @@ class ModelStep:
         get in a batched step. The engine's fallback when a batched step fails, to find the failing row."""
         ids = torch.tensor([[token]], device=self.device)  # [1, 1]
         pos = torch.tensor([[position]], device=self.device)  # [1, 1]
-        logits = self._forward(ids, pos, slice(slot, slot + 1), position + 1)
-        return self.sample(logits, params, rng)
+        return self.sample_one(self.pair.slot_forward(self.caches, ids, pos, slice(slot, slot + 1), position + 1),
+                               params, rng)
 
     def _run(self, rows: int, length: int) -> Logits:
         if not self.replay:
@@ -267,6 +282,6 @@ class ModelStep:
             self.rng.set_state(rng_state)
             self.replay = False
             self.graphs.clear()
-            logger.warning("memdec_fast engine: CUDA-graph capture failed, decoding eagerly from now on: %s", err)
+            logger.warning("memdec_fast: CUDA-graph capture failed, decoding eagerly from now on: %s", err)
             return
         self.graphs[rows, length] = (graph, logits)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from memdec_fast.params import Param
+from memdec_fast.ops.params import Param
 
 
 class RepetitionPenalty:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from memdec_fast.params import Param, check_params
+from memdec_fast.ops.params import Param, check_params
 
 Prompts = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 """One prompt or a batch: text, token ids, or an unpadded LongTensor [B, T]."""

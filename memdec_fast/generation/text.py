@@ -1,8 +1,28 @@
-"""Per-row output: tokens, log-probs, and text that only ever grows (for streaming)."""
+"""Per-row output: tokens, log-probs, text that only ever grows (for streaming), and when a row ends.
+
+The one place where a sampled token is added to a row and the row's end is decided (:meth:`Row.add`),
+for the Engine's requests and JointGenerator's prompts alike.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Ending:
+    """When a row ends, and whether its text is decoded after every token.
+
+    max_new_tokens: the row ends ("length") at this many tokens; stop_ids: tokens that end it, kept in the
+    row ("eos" for eos_id, else "stop"); stop_strings: texts that end it, cut from the text ("stop");
+    track_text: decode after every token (streams and stop strings need it), else once at the end.
+    """
+
+    max_new_tokens: int
+    stop_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    eos_id: int | None = None
+    track_text: bool = False
 
 
 @dataclass
@@ -14,13 +34,29 @@ class Row:
     text: str = ""
     finish_reason: str | None = None  # "length", "stop" (a stop string or id) or "eos" (the EOS token)
 
-    def update_text(self, tokenizer, stop: list[str]) -> None:
+    def update_text(self, tokenizer, stop: tuple[str, ...] | list[str]) -> None:
         """Decode the tokens so far; end the row (and cut the text) at the first stop string."""
         self.text = tokenizer.decode(self.token_ids, skip_special_tokens=True)
         cuts = [i for i in (self.text.find(s) for s in stop) if i >= 0]
         if cuts:
             self.text = self.text[: min(cuts)]
             self.finish_reason = "stop"
+
+    def add(self, token: int, logprob: float, ending: Ending, tokenizer) -> None:
+        """Append one sampled token, and set finish_reason when it ends the row.
+
+        Checked in this order: a stop string in the text, a stop token id, max_new_tokens.
+        """
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        if ending.track_text:
+            self.update_text(tokenizer, ending.stop_strings)  # a stop string sets finish_reason "stop"
+        if self.finish_reason is None and token in ending.stop_ids:
+            self.finish_reason = "eos" if token == ending.eos_id else "stop"
+        if self.finish_reason is None and len(self.token_ids) == ending.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and not ending.track_text:
+            self.update_text(tokenizer, ())
 
     def stable_text(self, stop: list[str]) -> str:
         """The part of the text that later tokens cannot change.

@@ -1,9 +1,6 @@
-"""The static KV cache shared by the lean models (GPT-2, the Llama family).
-
-Two kinds of cache: a model's own, one per attention module (:class:`KVCache`, written at a shared
-slot index for a left-padded batch), and a caller's, such as the engine's slots (:class:`SlotCache`,
-each row written at its own positions by :func:`write_rows`). Both are only written in place, so that a
-CUDA graph may hold their addresses.
+"""The static KV cache of the lean models (GPT-2, the Llama family): owned by the caller, such as the engine's
+slots (:class:`SlotCache`), each row written at its own positions by :func:`write_rows`. It is only written in
+place, so that a CUDA graph may hold its addresses.
 """
 
 from __future__ import annotations
@@ -23,20 +20,6 @@ def keep_positions(x: torch.Tensor, hidden: torch.Tensor | None, last: torch.Ten
     if tail is not None:
         return x[:, -tail:], None if hidden is None else hidden[:, -tail:]
     return x, hidden
-
-
-class KVCache(nn.Module):
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        # k, v: [B, H, S, Dh]; a CUDA graph may hold their addresses, so they are only written in place
-        super().__init__()
-        self.register_buffer("k", k, persistent=False)
-        self.register_buffer("v", v, persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # input_pos: [T] cache slots; k, v: [B, H, T, Dh]
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
 
 
 class SlotCache(NamedTuple):
@@ -71,7 +54,7 @@ def write_rows(cache: SlotCache, slots: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 class CachedDecoder(nn.Module):
-    """A decoder whose blocks each have an ``attn`` holding a :class:`KVCache`; subclasses name their blocks
+    """A decoder whose blocks each read one :class:`SlotCache`; subclasses name their blocks
     (:meth:`attention_blocks`) and the shape of one block's cache (:meth:`kv_shape`)."""
 
     def attention_blocks(self) -> nn.ModuleList:
@@ -86,21 +69,6 @@ class CachedDecoder(nn.Module):
         w = next(self.parameters())
         return torch.zeros(self.kv_shape(batch, length), dtype=w.dtype, device=w.device)
 
-    def setup_caches(self, batch: int, length: int) -> None:
-        """Allocate a zeroed KV cache of `length` slots per block (kept when the shape is unchanged)."""
-        old = self.attention_blocks()[0].attn.kv_cache
-        dtype = next(self.parameters()).dtype
-        if old is not None and old.k.shape[0] == batch and old.k.shape[2] == length and old.k.dtype == dtype:
-            return
-        for block in self.attention_blocks():
-            block.attn.kv_cache = KVCache(self._zeros(batch, length), self._zeros(batch, length))
-
     def new_caches(self, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed (k, v) :meth:`kv_shape` per block, owned by the caller (see the forward's `caches`)."""
         return [(self._zeros(batch, length), self._zeros(batch, length)) for _ in self.attention_blocks()]
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Shrink the caches to the batch rows `rows` [B'] (finished rows leave the batch)."""
-        for block in self.attention_blocks():
-            cache = block.attn.kv_cache
-            cache.k, cache.v = cache.k.index_select(0, rows), cache.v.index_select(0, rows)

@@ -1,8 +1,8 @@
-"""GPT-2 with a static KV cache, in the style of gpt-fast.
+"""GPT-2 over caller-owned static KV caches, in the style of gpt-fast.
 
 One module covers gpt2, -medium, -large, -xl and any GPT2Config. Decode has
-static shapes: the cache length is fixed at :meth:`GPT2.setup_caches`, and the
-cache slot, positions and attention mask arrive as tensors, so a decode step
+static shapes: the caches are allocated by the caller (:meth:`GPT2.new_caches`), and
+the cache slots, positions and attention mask arrive as tensors, so a decode step
 holds no data-dependent Python control flow and can be captured in a CUDA graph.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.cache import CachedDecoder, KVCache, SlotCache, keep_positions, write_rows
+from memdec_fast.models.cache import CachedDecoder, SlotCache, keep_positions, write_rows
 
 
 @dataclass
@@ -59,20 +59,17 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer + 1
-        self.kv_cache: KVCache | None = None
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None,
         cache: SlotCache | None = None,
     ) -> torch.Tensor:
-        # x: [B, T, D]; mask: [B, 1, T, S] bool (True = attend) or None for causal; input_pos: [T] or None (no cache),
-        # or with `cache` [B, T]: each row's own slots in that cache instead of self.kv_cache
+        # x: [B, T, D]; mask: [B, 1, T, S] bool (True = attend) or None for causal; with `cache`, input_pos [B, T]:
+        # each token's slot in its row of that cache
         B, T, D = x.shape
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(D, dim=-1))
         if cache is not None:
             k, v = write_rows(cache, input_pos, k, v)  # [B, H, S', Dh]
-        elif input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H, S, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -143,16 +140,16 @@ class GPT2(CachedDecoder):
             Position ids; with left padding they count only real tokens.
         mask : Tensor [B, 1, T, S] bool, optional
             True where a query may attend a key; None means causal over the T inputs.
-        input_pos : Tensor [T] int64, optional
-            Cache slots to write; None runs without the cache (S == T).
+        input_pos : Tensor [B, T] int64, optional (with caches)
+            Each token's slot in its row of the caches.
         hidden_layer : int, optional
             Block whose MLP input (after ln_2) is returned, Python-style index.
         tail : int, optional
             Return logits (and hidden) for the last `tail` positions only (T' = tail),
             so that scoring a window's tail never holds the whole window's logits.
         caches : list of SlotCache, one per block, optional
-            Caches owned by the caller (e.g. an engine's slots) used instead of the
-            model's own; input_pos is then [B, T], each row's own slots.
+            Caches owned by the caller (e.g. the engine's slots); None runs without a
+            cache (S == T).
         last : Tensor [B] int64, optional
             Return logits (and hidden) for one position per row only (T' = 1): row
             b's position last[b] (e.g. the last real token of a right-padded row).

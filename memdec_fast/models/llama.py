@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.cache import CachedDecoder, KVCache, SlotCache, keep_positions, write_rows
+from memdec_fast.models.cache import CachedDecoder, SlotCache, keep_positions, write_rows
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -171,7 +171,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, c.hidden_size, bias=c.o_bias)
-        self.kv_cache: KVCache | None = None
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
@@ -184,8 +183,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = write_rows(cache, input_pos, k, v)  # [B, Hkv, S', Dh]
-        elif input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S, Dh]
         group = self.n_head // self.n_kv
         if mask is None:  # causal over the T inputs, no cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)

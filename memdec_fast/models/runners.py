@@ -1,19 +1,12 @@
-"""Runners: one interface over a left-padded batch, for our lean models and for any transformers LM.
+"""Runners: one interface per kind of model, for the model pair (:mod:`memdec_fast.models.pair`).
 
-A runner owns its cache, the position of each row and the attention mask, so
-the generator drives any causal LM the same way:
+- :class:`LeanRunner` (GPT-2, the Llama family) runs over caches its caller owns (:meth:`LeanRunner.slot_forward`):
+  one row per request, each row at its own length, as the engine's decode step lays them out.
+- :class:`HFRunner` drives any transformers causal LM over a left-padded batch with its own dynamic cache
+  (``prefill``, ``decode``, ``keep_rows``): the fallback for architectures without a lean model. Positions count
+  only real tokens, so a left-padded row sees the positions it would see alone.
 
-- ``prefill(input_ids, attention_mask, length)`` runs the prompts and returns the
-  last position's logits (and the hidden state named by ``hidden_layer``);
-- ``decode(tokens)`` appends one token per row;
-- ``keep_rows(rows)`` drops finished rows from the batch;
-- ``forward(input_ids)`` scores a full unpadded window without any cache.
-
-Lean runners (GPT-2, Llama family) also serve the engine's slots (:meth:`LeanRunner.slot_forward`):
-a cache owned by the caller, one row per request, each row at its own length.
-
-Positions count only real tokens, so a left-padded row sees the same
-positions it would see alone.
+Both score a full window without any cache (``forward``).
 """
 
 from __future__ import annotations
@@ -23,12 +16,11 @@ import inspect
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
 from memdec_fast.models import checkpoint, llama
-from memdec_fast.models.cache import KVCache, SlotCache
+from memdec_fast.models.cache import SlotCache
 from memdec_fast.models.gpt2 import GPT2
 from memdec_fast.models.llama import Llama
 
@@ -43,16 +35,6 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-@dataclass
-class DecodeState:
-    """Everything a lean runner's decode step reads and advances in place; a CUDA graph holds these addresses."""
-
-    caches: list[tuple[torch.Tensor, torch.Tensor]]  # per block (k, v): [B, Hkv, S, Dh]
-    valid: torch.Tensor  # [B, S] bool: cache slots holding a real key
-    positions: torch.Tensor  # [B, 1] int64: next position id of each row
-    input_pos: torch.Tensor  # [1] int64: next cache slot
-
-
 class LeanRunner:
     """Drives a memdec_fast model with a static cache (:class:`GPT2`, :class:`Llama`): the subclasses say which.
 
@@ -64,9 +46,8 @@ class LeanRunner:
     """
 
     def __init__(self, model: GPT2 | Llama):
-        self.model, self._blocks = model, model.attention_blocks()
+        self.model = model
         self.hidden_layer: int | None = None
-        self.valid: torch.Tensor | None = None
         weight = next(model.parameters())
         self.dtype, self.device = weight.dtype, weight.device
         _, self.kv_heads, _, self.head_dim = model.kv_shape(1, 1)
@@ -75,55 +56,6 @@ class LeanRunner:
     def kv_width(self) -> int:
         """kv_heads x head_dim: the elements of one key (or value) of one token in one block."""
         return self.kv_heads * self.head_dim
-
-    @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int) -> Output:
-        # input_ids, attention_mask: [B, T]; length: cache slots S >= T
-        B, T = input_ids.shape
-        self.model.setup_caches(B, length)  # kept, like the state below, when the shape is unchanged
-        if self.valid is None or self.valid.shape != (B, length):
-            self.valid = torch.empty(B, length, dtype=torch.bool, device=self.device)
-            self.positions = torch.empty(B, 1, dtype=torch.int64, device=self.device)
-            self.input_pos = torch.empty(1, dtype=torch.int64, device=self.device)
-        self.valid.zero_()
-        self.valid[:, :T] = attention_mask  # [B, S] keys that exist
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
-        # a padding query attends itself too, so that no row is all-masked (SDPA would give NaN)
-        mask = causal & (attention_mask[:, None, :] | torch.eye(T, dtype=torch.bool, device=self.device))  # [B, T, T]
-        mask = torch.nn.functional.pad(mask, (0, length - T))[:, None]  # [B, 1, T, S]
-        slots = torch.arange(T, device=self.device)
-        # tail=1: only the last position's logits (and MLP input) are needed, so no [B, T, V] tensor is built
-        logits, hidden = self.model(input_ids, _positions(attention_mask), mask, slots, self.hidden_layer, tail=1)
-        self.positions.copy_(attention_mask.sum(-1, keepdim=True))  # [B, 1] next position
-        self.input_pos.fill_(T)  # [1] next slot
-        return logits[:, -1], None if hidden is None else hidden[:, -1]
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> Output:
-        # tokens: [B]; static shapes: slot, positions and mask are tensors updated in place
-        self.valid.index_fill_(1, self.input_pos, True)
-        mask = self.valid[:, None, None, :]  # [B, 1, 1, S]
-        logits, hidden = self.model(tokens[:, None], self.positions, mask, self.input_pos, self.hidden_layer)
-        self.positions += 1
-        self.input_pos += 1
-        return logits[:, 0], None if hidden is None else hidden[:, 0]
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        self.model.keep_rows(rows)
-        self.valid, self.positions = self.valid[rows], self.positions[rows]
-
-    def bind(self, state: DecodeState) -> None:
-        """Prefill and decode into `state`'s tensors from now on (their shapes must then match)."""
-        for block, (k, v) in zip(self._blocks, state.caches, strict=True):
-            block.attn.kv_cache = KVCache(k, v)  # a fresh module: keep_rows elsewhere cannot swap our tensors
-        self.valid, self.positions, self.input_pos = state.valid, state.positions, state.input_pos
-
-    def unbind(self) -> None:
-        """Let go of the cache and decode state, bound or own (so that their memory can be freed); the next
-        prefill allocates new ones."""
-        for block in self._blocks:
-            block.attn.kv_cache = None
-        self.valid = self.positions = self.input_pos = None
 
     def new_slot_caches(self, slots: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed per-block (k, v) [slots, Hkv, length, Dh] for :meth:`slot_forward`; the caller owns them."""
@@ -302,29 +234,42 @@ def _check_transformers_weights(name_or_path: str | os.PathLike, config: dict) -
                          f"{len(missing)} of {len(expected)} tensors missing, e.g. {missing[:3]}")
 
 
+def lean_reason(name_or_path: str | os.PathLike) -> str | None:
+    """Why a checkpoint cannot run on memdec_fast's lean models (None: it can).
+
+    GPT-2 always can; a Llama, Qwen2 or Mistral config that :class:`Llama` does not compute (a sliding
+    window shorter than the context, experts, another rope type...) cannot, and neither can any other
+    architecture. A Llama-family config that is plainly broken raises ValueError naming the checkpoint.
+    """
+    config = checkpoint.load_config(name_or_path)
+    model_type = config.get("model_type")
+    if model_type == "gpt2":
+        return None
+    if model_type not in llama.MODEL_TYPES:
+        return f"no lean model for model_type {model_type!r}"
+    try:
+        return llama.unsupported(llama.with_defaults(config))
+    except ValueError as err:
+        raise ValueError(f"{os.fspath(name_or_path)}: {err}") from err
+
+
 def load_causal_lm(
     name_or_path: str | os.PathLike, device: torch.device, dtype: torch.dtype, lean: bool = True
 ) -> LeanRunner | HFRunner:
     """A runner for a causal LM checkpoint: our GPT-2 or Llama where possible, else transformers.
 
-    A Llama, Qwen2 or Mistral config that :class:`Llama` does not compute (a sliding window
-    shorter than the context, experts, another rope type...) runs in transformers after one
-    log line naming the reason. With ``lean=False`` every architecture runs in transformers.
+    A checkpoint without a lean model (:func:`lean_reason`) runs in transformers after one log line
+    naming the reason. With ``lean=False`` every architecture runs in transformers.
     """
     config = checkpoint.load_config(name_or_path)
     checkpoint.weight_files(name_or_path)  # fail early, and clearly, when the weights are missing
-    model_type = config.get("model_type")
-    if lean and model_type == "gpt2":
-        return GPT2Runner(GPT2.from_pretrained(name_or_path, device=device, dtype=dtype))
-    if lean and model_type in llama.MODEL_TYPES:
-        try:
-            reason = llama.unsupported(llama.with_defaults(config))
-        except ValueError as err:
-            raise ValueError(f"{os.fspath(name_or_path)}: {err}") from err
-        if reason is None:
-            return LlamaRunner(Llama.from_pretrained(name_or_path, device=device, dtype=dtype))
-        logger.warning("memdec_fast: %s runs in transformers, not memdec_fast's lean %s: %s",
-                       os.fspath(name_or_path), model_type, reason)
+    reason = lean_reason(name_or_path) if lean else "lean=False"
+    if reason is None:
+        model_class, runner = (GPT2, GPT2Runner) if config.get("model_type") == "gpt2" else (Llama, LlamaRunner)
+        return runner(model_class.from_pretrained(name_or_path, device=device, dtype=dtype))
+    if lean:
+        logger.warning("memdec_fast: %s runs in transformers, not on memdec_fast's lean models: %s",
+                       os.fspath(name_or_path), reason)
     from transformers import AutoModelForCausalLM
 
     checkpoint.check_config_against_weights(name_or_path, config)

@@ -18,7 +18,6 @@ import socket
 import sys
 import threading
 
-from memdec_fast.cli import main  # `python -m memdec_fast.server.cli serve ...`: the whole command line
 from memdec_fast.cli.args import KNN_TEMP_HELP, LMBDA_HELP, common_flags, pair_paths, resolve_device
 from memdec_fast.server import MAX_BODY_BYTES
 
@@ -178,7 +177,3 @@ def _announce(args: argparse.Namespace, sock: socket.socket) -> None:
         print(json.dumps({"url": url, "host": host, "port": port, "model": args.served_model_name}), flush=True)
     else:
         print(f"memdec-fast serve: serving {args.served_model_name!r} at {url}", file=sys.stderr, flush=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

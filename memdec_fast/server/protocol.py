@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from memdec_fast.generation.requests import MAX_SEED, MAX_STOP_IDS, MAX_STOP_LENGTH, MAX_STOP_STRINGS
-from memdec_fast.params import FLOAT32_MAX
+from memdec_fast.ops.params import FLOAT32_MAX
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature=0 for greedy decoding

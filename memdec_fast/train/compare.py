@@ -107,7 +107,7 @@ def compare(
 ) -> dict:
     """Perplexity on `texts` and decoding latency of the base, the kNN-LM and the memory.
 
-    Perplexities follow :func:`memdec_fast.ppl.perplexity`'s protocol
+    Perplexities follow :func:`memdec_fast.eval.perplexity.perplexity`'s protocol
     (the base's and the memory's come from it).
 
     Parameters
@@ -138,8 +138,8 @@ def compare(
     -------
     >>> print(format_table(compare("base/", "memory/", "ds/", texts)))  # doctest: +SKIP
     """
-    from memdec_fast.eval_data import load_tokens
-    from memdec_fast.ppl import perplexity
+    from memdec_fast.eval.data import load_tokens
+    from memdec_fast.eval.perplexity import perplexity
 
     for name, value in (("k", k), ("temperature", temperature), ("new_tokens", new_tokens)):
         ranges.check(f"compare.{name}", value)

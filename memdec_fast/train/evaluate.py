@@ -1,6 +1,6 @@
 """Held-out scoring for the kNN-LM and for choosing mixture weights, under the project's PPL protocol.
 
-Text is tokenized and windowed exactly as :func:`memdec_fast.ppl.perplexity`
+Text is tokenized and windowed exactly as :func:`memdec_fast.eval.perplexity.perplexity`
 does (lines with their newline, sliding windows of ``block_size`` with ``stride``),
 so every number here is comparable with ``memdec-fast ppl``.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from memdec_fast.ppl import plan_windows
+from memdec_fast.eval.perplexity import plan_windows
 
 __all__ = ["LMBDA_GRID", "as_lines", "best_lmbda", "mixture_ppl", "windowed_logprobs"]
 
@@ -42,7 +42,7 @@ def best_lmbda(lp_base: np.ndarray, lp_mem: np.ndarray, grid: Sequence[float] = 
 
 def windowed_logprobs(score: Callable[[torch.Tensor], Sequence[torch.Tensor]], tokens: torch.Tensor,
                       block_size: int, stride: int) -> list[np.ndarray]:
-    """Per-token log-probabilities over the sliding windows of :func:`memdec_fast.ppl.perplexity`.
+    """Per-token log-probabilities over the sliding windows of :func:`memdec_fast.eval.perplexity.perplexity`.
 
     Parameters
     ----------

@@ -24,7 +24,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-from memdec_fast.ppl import perplexity
+from memdec_fast.eval.perplexity import perplexity
 from memdec_fast.train import corpus
 from memdec_fast.train.compare import compare
 from memdec_fast.train.datastore import build_datastore, tokenize_corpus

@@ -43,7 +43,7 @@ def tune_mixing(base: str | Path, memory: str | Path, texts: list[str], knn_temp
         Validation documents, not the training corpus.
     knn_temps : floats
         Memory softmax temperatures to try (one perplexity pass each).
-    block_size, stride : the perplexity windows (:func:`memdec_fast.ppl.perplexity`).
+    block_size, stride : the perplexity windows (:func:`memdec_fast.eval.perplexity.perplexity`).
 
     Returns
     -------
@@ -55,7 +55,7 @@ def tune_mixing(base: str | Path, memory: str | Path, texts: list[str], knn_temp
     >>> tune_mixing("base/", "memory/", open("val.txt").read().splitlines())  # doctest: +SKIP
     {'lmbda': 0.4, 'knn_temp': 1.0, 'tune_ppl': 5.31, 'base_ppl': 9.8, 'tune_tokens': 20412}
     """
-    from memdec_fast.ppl import perplexity
+    from memdec_fast.eval.perplexity import perplexity
 
     if not texts:
         raise ValueError("no text to tune the mixture weight on")

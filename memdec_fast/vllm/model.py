@@ -26,8 +26,7 @@ from vllm.compilation.backends import set_model_tag
 from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 
 from memdec_fast import ops
-from memdec_fast.generation import checks
-from memdec_fast.models import checkpoint
+from memdec_fast.models import checkpoint, checks
 from memdec_fast.models.mlp_memory import read_layer_position
 from memdec_fast.vllm import settings as deployment
 from memdec_fast.vllm.mlp_memory import ParallelMLPMemory, tap_mlp_input, transform_width

@@ -18,9 +18,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from memdec_fast.generation import checks
-from memdec_fast.models import checkpoint
-from memdec_fast.params import check_params
+from memdec_fast.models import checkpoint, checks
+from memdec_fast.ops.params import check_params
 from memdec_fast.vllm import ARCHITECTURE
 
 

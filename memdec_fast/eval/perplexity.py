@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from memdec_fast import ops, ranges
-from memdec_fast.eval_data import EvalData, check_data, load_tokens
+from memdec_fast.eval.data import EvalData, check_data, load_tokens
 from memdec_fast.models.checkpoint import mixing_defaults
+from memdec_fast.models.pair import ModelPair
 
 __all__ = ["PerplexityResult", "perplexity", "plan_windows"]
 
@@ -158,26 +159,25 @@ def _check_lmbdas(lmbda: float | Sequence[float]) -> list[float]:
     return [float(v) for v in values]
 
 
-def _scorer(base, memory, memory_type: str, lmbda: float, knn_temp: float, device, dtype, tokenizer):
-    """A JointGenerator (or anything with its scoring interface) for base and memory."""
-    if hasattr(base, "score_logits"):
+def _pair(base, memory, memory_type: str, lmbda: float, knn_temp: float, device, dtype, tokenizer) -> ModelPair:
+    """The model pair to score: given (a ModelPair, or a JointGenerator's), loaded from paths, or built from
+    loaded models."""
+    given = getattr(base, "pair", base)
+    if isinstance(given, ModelPair):
         if memory is not None or device is not None or dtype is not None or tokenizer is not None:
-            raise ValueError("base is a JointGenerator: memory, device, dtype and tokenizer must be None")
-        return base
+            raise ValueError("base is a ModelPair or JointGenerator: memory, device, dtype and tokenizer must be None")
+        return given
     if memory is None:
-        raise ValueError("memory: give a memory (path, hub name or model), or pass a JointGenerator as base")
-    from memdec_fast.generator import JointGenerator
-
+        raise ValueError("memory: give a memory (path, hub name or model), or pass a ModelPair or JointGenerator as "
+                         "base")
     if isinstance(base, (str, os.PathLike)):
-        return JointGenerator.from_pretrained(
-            base, memory, memory_type=memory_type, lmbda=lmbda, knn_temp=knn_temp,
-            device=device, dtype=dtype, tokenizer=tokenizer,
-        )
+        return ModelPair.from_pretrained(base, memory, memory_type=memory_type, lmbda=lmbda, knn_temp=knn_temp,
+                                         device=device, dtype=dtype, tokenizer=tokenizer)
     if tokenizer is None:
         raise ValueError("tokenizer: needed with loaded models")
     if device is not None or dtype is not None:
         raise ValueError("device, dtype: apply only when loading from paths; move loaded models yourself")
-    return JointGenerator(base, memory, tokenizer, lmbda, knn_temp)
+    return ModelPair(base, memory, tokenizer, lmbda, knn_temp)
 
 
 @torch.inference_mode()
@@ -206,13 +206,14 @@ def perplexity(
 
     Parameters
     ----------
-    base : str, PathLike, model, or JointGenerator
+    base : str, PathLike, model, ModelPair or JointGenerator
         Path or hub name of the base LM, or a loaded model (then pass `tokenizer`);
-        or a ready :class:`~memdec_fast.JointGenerator`, with memory=None.
+        or a loaded :class:`~memdec_fast.models.pair.ModelPair` (or a
+        :class:`~memdec_fast.JointGenerator`, scoring its pair), with memory=None.
     memory : str, PathLike, model, or None
         The memory (Memory Decoder or MLP Memory), as a path or hub name, or loaded.
     data : path, str, list of str, or 1-D token ids
-        See :func:`memdec_fast.eval_data.load_tokens`.
+        See :func:`memdec_fast.eval.data.load_tokens`.
     lmbda : float or list of float, optional
         Weight(s) of the memory in the mixture, each in [0, 1]. Default: the value
         stored with the memory (memdec_config.json), else 0.55.
@@ -241,11 +242,12 @@ def perplexity(
     >>> r = perplexity("gpt2", "Clover-Hill/MemoryDecoder-gpt2-small", "wiki.test.txt", lmbda=[0.25, 0.55])
     >>> r.base_ppl, r.joint_ppl[0.55]
     """
-    if not hasattr(base, "score_logits"):
+    given = getattr(base, "pair", base)
+    if not isinstance(given, ModelPair):
         lmbda, knn_temp = mixing_defaults(memory, lmbda, knn_temp)
     elif lmbda is None or knn_temp is None:
-        lmbda = base.lmbda if lmbda is None else lmbda
-        knn_temp = base.knn_temp if knn_temp is None else knn_temp
+        lmbda = given.lmbda if lmbda is None else lmbda
+        knn_temp = given.knn_temp if knn_temp is None else knn_temp
     lmbdas = _check_lmbdas(lmbda)
     if isinstance(knn_temp, bool) or not isinstance(knn_temp, (int, float)) or not knn_temp > 0:
         raise ValueError(f"knn_temp: {knn_temp!r} must be > 0")
@@ -255,20 +257,20 @@ def perplexity(
     if block_size is not None and stride is not None and not stride <= block_size:
         raise ValueError(f"stride: {stride} must lie in [1, block_size] = [1, {block_size}]")
     check_data(data)
-    gen = _scorer(base, memory, memory_type, lmbdas[0], knn_temp, device, dtype, tokenizer)
-    block_size = block_size or min(1024, gen.max_context)
+    pair = _pair(base, memory, memory_type, lmbdas[0], knn_temp, device, dtype, tokenizer)
+    block_size = block_size or min(1024, pair.max_context)
     stride = stride or max(1, block_size // 2)
-    if block_size > gen.max_context:
-        raise ValueError(f"block_size: {block_size} exceeds the model's context of {gen.max_context} tokens")
+    if block_size > pair.max_context:
+        raise ValueError(f"block_size: {block_size} exceeds the model's context of {pair.max_context} tokens")
     if not stride <= block_size:
         raise ValueError(f"stride: {stride} must lie in [1, block_size] = [1, {block_size}]")
-    tokens = load_tokens(data, gen.tokenizer)
-    vocab = len(gen.tokenizer)
+    tokens = load_tokens(data, pair.tokenizer)
+    vocab = len(pair.tokenizer)
     if tokens.numel() < 2:
         raise ValueError(f"data: {tokens.numel()} token(s); at least 2 are needed to score one")
     if bool(((tokens < 0) | (tokens >= vocab)).any()):
         raise ValueError(f"data: token ids must lie in [0, {vocab})")
-    dev = torch.device(gen.device)
+    dev = pair.device
     batch_size = batch_size or (8 if dev.type == "cuda" else 1)
 
     sums = _Sums(lmbdas, float(knn_temp), dev)
@@ -278,7 +280,7 @@ def perplexity(
             ids = torch.stack([tokens[s.begin : s.end] for s in group]).to(dev)  # [B, T]
             # logits at window position j predict the token at j + 1; only the scored tail is computed
             skip = min(s.first - s.begin for s in group) - 1
-            base_logits, mem_logits = gen.score_logits(ids, last=ids.shape[1] - skip)  # [B, T - skip, V] each
+            base_logits, mem_logits = pair.forward(ids, last=ids.shape[1] - skip)  # [B, T - skip, V] each
             for row, s in enumerate(group):
                 lo, hi = s.first - s.begin, s.end - s.begin
                 sums.add(base_logits[row, lo - 1 - skip : hi - 1 - skip], mem_logits[row, lo - 1 - skip : hi - 1 - skip],

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from memdec_fast.params import Param, check_logits, check_params, check_targets
+from memdec_fast.ops.params import Param, check_logits, check_params, check_targets
 
 __all__ = ["component_logprobs", "joint_logprobs", "mixture_vjp", "sample", "target_logprobs"]
 

@@ -1,5 +1,9 @@
 """The fused mixture ops: thin wrappers over ``torch.ops.memdec_fast.*``.
 
+Beside them in this package: :mod:`~memdec_fast.ops.reference` (their plain-PyTorch twins, the "right" answers),
+:mod:`~memdec_fast.ops.params` (the argument checks both share) and :mod:`~memdec_fast.ops.build_info` (what the
+compiled extension was built with).
+
 Each op reads both models' logits once per pass and never materialises the two
 softmaxes. When the compiled extension ``memdec_fast._C`` could not be loaded,
 the same functions run the plain-PyTorch twins in :mod:`memdec_fast.reference`
@@ -21,8 +25,8 @@ import warnings
 
 import torch
 
-from memdec_fast import reference
-from memdec_fast.params import Param, check_devices, check_logits, check_params, check_targets
+from memdec_fast.ops import reference
+from memdec_fast.ops.params import Param, check_devices, check_logits, check_params, check_targets
 
 _LOAD_ERROR: Exception | None = None
 try:
