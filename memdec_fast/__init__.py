@@ -28,7 +28,7 @@ _LAZY = {
     "build_info": "memdec_fast.ops.build_info",
     "Engine": "memdec_fast.engine",
     "JointGenerator": "memdec_fast.generation.generator",
-    "GenerationResult": "memdec_fast.generation.generator",
+    "GenerationResult": "memdec_fast.generation.outputs",
     "perplexity": "memdec_fast.eval.perplexity",
     "PerplexityResult": "memdec_fast.eval.perplexity",
 }

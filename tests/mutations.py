@@ -42,11 +42,11 @@ MUTATIONS = [
     Mutation("top_p_drops_its_boundary_token", "memdec_fast/ops/reference.py",
              [("above = (incl - sorted_p).gather(1, run_start)", "above = incl.gather(1, run_start)")],
              ["tests/test_ops.py"], "hf_warpers or exact_distribution"),
-    Mutation("stop_hold_back_off_by_one", "memdec_fast/generation/text.py",
+    Mutation("stop_hold_back_off_by_one", "memdec_fast/generation/outputs.py",
              [("for k in range(1, len(s)) if", "for k in range(1, len(s) - 1) if"),
               ("tail = text[max(0, len(text) - len(stop) + 1) :]", "tail = text[max(0, len(text) - len(stop) + 2) :]")],
              ["tests/test_generator.py", "tests/test_engine.py"], "holds_back"),
-    Mutation("length_checked_before_stop_ids", "memdec_fast/generation/text.py",
+    Mutation("length_checked_before_stop_ids", "memdec_fast/generation/outputs.py",
              [("""        if self.finish_reason is None and token in ending.stop_ids:
             self.finish_reason = "eos" if token == ending.eos_id else "stop"
         if self.finish_reason is None and len(self.token_ids) == ending.max_new_tokens:
@@ -73,7 +73,7 @@ MUTATIONS = [
              [("""            torch.cuda.set_stream(main)  # torch.cuda.graph leaves its stream current when capture_end raises
 """, "")],
              ["tests/test_engine.py", "tests/test_decode_step.py"], "fake"),
-    Mutation("stop_id_row_keeps_no_text", "memdec_fast/generation/text.py",
+    Mutation("stop_id_row_keeps_no_text", "memdec_fast/generation/outputs.py",
              [("        if self.finish_reason is not None and not ending.track_text:",
                "        if self.finish_reason == \"length\" and not ending.track_text:")],
              ["tests/test_generator.py"], "stop_ids or last_token"),

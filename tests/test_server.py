@@ -612,6 +612,7 @@ def _draining(url: str) -> bool:
 
 
 def test_serve_bad_arguments_exit_2_before_loading(tmp_path, capsys, monkeypatch):
+    from memdec_fast.cli import main
     from memdec_fast.server import cli as serve_cli
 
     def fail(*_):
@@ -621,7 +622,7 @@ def test_serve_bad_arguments_exit_2_before_loading(tmp_path, capsys, monkeypatch
 
     def run(argv: list[str]) -> int:
         try:
-            return serve_cli.main(["serve", *argv])
+            return main(["serve", *argv])
         except SystemExit as stop:  # argparse's own exits
             return stop.code
 

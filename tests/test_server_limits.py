@@ -257,6 +257,7 @@ def test_a_cache_too_large_for_memory_is_refused_with_its_size(pair, tmp_path):
                                    ["--knn-temp", "inf"], ["--knn-temp", "1e400"], ["--served-model-name", ""],
                                    ["--max-body-bytes", "0"]])
 def test_serve_flags_out_of_range_exit_2_before_loading(flags, capsys, monkeypatch):
+    from memdec_fast.cli import main
     from memdec_fast.server import cli as serve_cli
 
     def fail(*_):
@@ -264,7 +265,7 @@ def test_serve_flags_out_of_range_exit_2_before_loading(flags, capsys, monkeypat
 
     monkeypatch.setattr(serve_cli, "_load_engine", fail)
     try:
-        code = serve_cli.main(["serve", *flags])
+        code = main(["serve", *flags])
     except SystemExit as stop:
         code = stop.code
     assert code == 2, flags

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memdec_fast.generation.outputs import Row, held_back
 from memdec_fast.generation.requests import MAX_STOP_LENGTH, MAX_STOP_STRINGS, parse_stop
-from memdec_fast.generation.text import Row, held_back
 
 
 def held_back_by_definition(text: str, stop: str) -> int:

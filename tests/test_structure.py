@@ -18,7 +18,7 @@ LAYERS = [
     ["ranges"],
     ["ops"],
     ["models"],
-    ["generation", "generation.requests", "generation.text", "generation.hf_args", "generation.penalty"],  # types
+    ["generation", "generation.requests", "generation.outputs", "generation.hf_args", "generation.penalty"],  # types
     ["engine"],
     ["generation.sessions", "generation.generator", "eval"],
     ["cli.args"],  # the flags the command line, the server and training share

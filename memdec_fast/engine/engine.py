@@ -32,6 +32,7 @@ from memdec_fast.engine.bridge import FutureSink, RequestStream, StreamChannel
 from memdec_fast.engine.scheduler import Request, Scheduler, Sink
 from memdec_fast.engine.step import ModelStep
 from memdec_fast.engine.types import EngineClosed, InvalidArgument, RequestFailed, RequestOutput, StreamDelta
+from memdec_fast.generation.outputs import Ending
 from memdec_fast.generation.requests import (
     check_one_prompt,
     check_prompt_length,
@@ -40,7 +41,6 @@ from memdec_fast.generation.requests import (
     parse_stop,
     sampling_params,
 )
-from memdec_fast.generation.text import Ending
 from memdec_fast.models.pair import ModelPair
 
 __all__ = ["Engine"]
@@ -481,8 +481,7 @@ class Engine:
             req.sent_text, req.sent_tokens = max(req.sent_text, len(text)), len(row.token_ids)
         if row.finish_reason is not None:
             self._release(req)
-            req.sink.finish(RequestOutput(req.request_id, row.text, list(row.token_ids), list(row.logprobs),
-                                          row.finish_reason, len(req.prompt)))
+            req.sink.finish(row.output(req.request_id, len(req.prompt)))
 
     def _fail(self, req: Request, err: Exception) -> None:
         self._release(req, written=None)

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from memdec_fast.engine.types import EngineOverloaded, RequestOutput, StreamDelta
-from memdec_fast.generation.text import Ending, Row
+from memdec_fast.generation.outputs import Ending, Row
 from memdec_fast.ops.params import Param
 
 

@@ -15,12 +15,12 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from memdec_fast.engine.step import ModelStep, batch_bucket, length_bucket
 from memdec_fast.generation import hf_args
+from memdec_fast.generation.outputs import Ending, GenerationResult, Row
 from memdec_fast.generation.requests import (
     Prompts,
     check_one_prompt,
@@ -31,29 +31,10 @@ from memdec_fast.generation.requests import (
     sampling_params,
 )
 from memdec_fast.generation.sessions import EagerSampler, SlotSession, TransformersSession
-from memdec_fast.generation.text import Ending, Row
 from memdec_fast.models.pair import ModelPair
 from memdec_fast.ops.params import Param
 
-__all__ = ["GenerationResult", "JointGenerator"]
-
-
-@dataclass
-class GenerationResult:
-    """Output of :meth:`JointGenerator.generate`, one entry per prompt.
-
-    token_ids holds every generated token, including the EOS or stop token that
-    ended a row; logprobs holds log p of each under the (unfiltered) mixture;
-    texts is their decoding without special tokens, cut before a stop string.
-    finish_reasons: "length", "stop" (a stop string or a stop token id) or "eos" (the
-    tokenizer's EOS token). With num_return_sequences=n, each prompt's n results are
-    consecutive.
-    """
-
-    texts: list[str]
-    token_ids: list[list[int]]
-    logprobs: list[list[float]]
-    finish_reasons: list[str]
+__all__ = ["GenerationResult", "JointGenerator"]  # GenerationResult: from memdec_fast.generation.outputs
 
 
 class JointGenerator:
@@ -292,8 +273,8 @@ class JointGenerator:
         Parameters
         ----------
         prompts : str, list of str, list of token ids, list of lists, or LongTensor [B, T]
-            Prompts of different lengths are left-padded; each gets the same greedy
-            tokens it would get alone.
+            Each prompt decodes in a cache slot of its own, at its own length; each gets
+            the same greedy tokens it would get alone.
         max_new_tokens : int, default 32
             Exactly this many tokens per prompt, unless EOS or a stop comes first.
         temperature, top_k, top_p, min_p :
@@ -327,9 +308,7 @@ class JointGenerator:
         )
         for _ in steps:
             pass
-        return GenerationResult(
-            [r.text for r in out], [r.token_ids for r in out], [r.logprobs for r in out], [r.finish_reason for r in out]
-        )
+        return GenerationResult.of(out)
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int | None = None, **kwargs) -> Iterator[str]:
         """Yield one prompt's text as it is produced; the pieces join to generate()'s text.

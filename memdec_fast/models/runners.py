@@ -42,20 +42,14 @@ class LeanRunner:
     ----------
     vocab_size, max_context, hidden_size, num_layers : int
     kv_heads, head_dim : int, the shape of one block's cache [B, kv_heads, S, head_dim]
-    dtype, device : of the weights and caches
+    device : of the weights and caches
     """
 
     def __init__(self, model: GPT2 | Llama):
         self.model = model
         self.hidden_layer: int | None = None
-        weight = next(model.parameters())
-        self.dtype, self.device = weight.dtype, weight.device
+        self.device = next(model.parameters()).device
         _, self.kv_heads, _, self.head_dim = model.kv_shape(1, 1)
-
-    @property
-    def kv_width(self) -> int:
-        """kv_heads x head_dim: the elements of one key (or value) of one token in one block."""
-        return self.kv_heads * self.head_dim
 
     def new_slot_caches(self, slots: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed per-block (k, v) [slots, Hkv, length, Dh] for :meth:`slot_forward`; the caller owns them."""

@@ -15,9 +15,10 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from memdec_fast.engine.types import EngineClosed, EngineOverloaded, InvalidArgument, RequestFailed, StreamDelta
+from memdec_fast.generation.outputs import Row
 from memdec_fast.server.metrics import ServerMetrics
 from memdec_fast.server.protocol import (
     CompletionChoice,
@@ -98,13 +99,9 @@ def outcome_of(err: BaseException) -> str:
 
 
 @dataclass
-class _Choice:
-    """What one prompt has produced so far."""
+class _Choice(Row):
+    """One prompt's output so far, assembled from its stream deltas, with what the response adds to a Row."""
 
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
     prompt_tokens: int = 0
     offset: int = 0  # text_offset of the next token
 
@@ -221,7 +218,7 @@ class CompletionServing:
 
     def _apply(self, req: CompletionRequest, choice: _Choice, delta: StreamDelta) -> Logprobs | None:
         """Add `delta` to `choice`; returns the delta's logprobs object when the request asked for logprobs."""
-        choice.text.append(delta.text)
+        choice.text += delta.text
         choice.token_ids += delta.token_ids
         choice.logprobs += delta.logprobs
         choice.prompt_tokens = delta.prompt_tokens or choice.prompt_tokens
@@ -271,7 +268,7 @@ class CompletionServing:
                     logprobs.tokens += lp.tokens
                     logprobs.token_logprobs += lp.token_logprobs
                     logprobs.text_offset += lp.text_offset
-            out.append(CompletionChoice(index=i, text="".join(c.text), logprobs=logprobs,
+            out.append(CompletionChoice(index=i, text=c.text, logprobs=logprobs,
                                         finish_reason=c.finish_reason))
         return CompletionResponse(id=cid, model=self.model_name, choices=out, usage=_usage(choices))
 

@@ -1,12 +1,17 @@
-"""Per-row output: tokens, log-probs, text that only ever grows (for streaming), and when a row ends.
+"""The output types of every front: a row in progress, the finished outputs, and the deltas of a stream.
 
-The one place where a sampled token is added to a row and the row's end is decided (:meth:`Row.add`),
-for the Engine's requests and JointGenerator's prompts alike.
+- :class:`Row`: what one prompt or request has generated so far; :meth:`Row.add` is the one place where a
+  sampled token is added and the row's end decided (:class:`Ending`), for the Engine and JointGenerator alike.
+- :class:`RequestOutput`: one finished Engine request (:meth:`Row.output`).
+- :class:`StreamDelta`: what a streamed request produced since its previous delta.
+- :class:`GenerationResult`: a JointGenerator.generate call, one entry per prompt (:meth:`GenerationResult.of`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+__all__ = ["Ending", "GenerationResult", "RequestOutput", "Row", "StreamDelta", "held_back"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,11 @@ class Row:
         if self.finish_reason is not None and not ending.track_text:
             self.update_text(tokenizer, ())
 
+    def output(self, request_id: str, prompt_tokens: int) -> RequestOutput:
+        """This finished row as one request's output."""
+        return RequestOutput(request_id, self.text, list(self.token_ids), list(self.logprobs), self.finish_reason,
+                             prompt_tokens)
+
     def stable_text(self, stop: list[str]) -> str:
         """The part of the text that later tokens cannot change.
 
@@ -69,6 +79,66 @@ class Row:
         text = self.text.rstrip("\ufffd")
         hold = max((held_back(text, s) for s in stop), default=0)
         return text[: len(text) - hold]
+
+
+@dataclass
+class RequestOutput:
+    """One finished request.
+
+    text: the completion, without special tokens, cut before a stop string.
+    token_ids: every generated token, including the EOS or stop token that ended it.
+    logprobs: log p of each token under the unfiltered mixture.
+    finish_reason: "length", "stop" (a stop string or stop token id) or "eos" (the tokenizer's EOS).
+    prompt_tokens: how many tokens the prompt encoded to.
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    prompt_tokens: int
+
+
+@dataclass
+class StreamDelta:
+    """What one request produced since its previous delta.
+
+    text: new stable text (may be empty while a UTF-8 character or a stop string is pending).
+    token_ids, logprobs: the new tokens and their log p.
+    finish_reason: None until the last delta of the request.
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass
+class GenerationResult:
+    """Output of :meth:`JointGenerator.generate`, one entry per prompt.
+
+    token_ids holds every generated token, including the EOS or stop token that
+    ended a row; logprobs holds log p of each under the (unfiltered) mixture;
+    texts is their decoding without special tokens, cut before a stop string.
+    finish_reasons: "length", "stop" (a stop string or a stop token id) or "eos" (the
+    tokenizer's EOS token). With num_return_sequences=n, each prompt's n results are
+    consecutive.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[str]
+
+    @classmethod
+    def of(cls, rows: list[Row]) -> GenerationResult:
+        """The finished rows of one call, in order."""
+        return cls([r.text for r in rows], [r.token_ids for r in rows], [r.logprobs for r in rows],
+                   [r.finish_reason for r in rows])
 
 
 def held_back(text: str, stop: str) -> int:
