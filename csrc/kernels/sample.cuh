@@ -100,6 +100,41 @@ __device__ void WarpFindCrossing(const T* bins, T need, int* digit, T* above) {
   *above = above_last;
 }
 
+// A radix select's state between digits, in shared memory.
+template <typename Bin>
+struct RadixState {
+  uint32_t prefix, mask;  // the digits chosen so far, and their bits
+  Bin remaining, above;   // the need left below the chosen digits; the bins above the crossing digit
+  int digit;              // the crossing digit, -1 when every bin is empty
+};
+
+// One digit of a radix select, once bins[256] hold the candidates' counts or weights for it: (weighted, first
+// digit) the need from their total; the digit where it is crossed; the prefix grown by it. False when there is
+// nothing left to refine. Called by the whole block, after a barrier.
+template <bool WEIGHTED, typename Bin>
+__device__ bool RadixNextDigit(const Bin* bins, int shift, double need, RadixState<Bin>& s) {
+  if constexpr (WEIGHTED) {
+    if (shift == 24 && threadIdx.x < 32) {  // the total weight of the candidates, once
+      Bin total = 0;
+      for (int j = threadIdx.x; j < 256; j += 32) total += bins[j];
+      for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+      if (threadIdx.x == 0) s.remaining = static_cast<Bin>(need * static_cast<double>(total));
+      __syncwarp();
+    }
+  }
+  if (threadIdx.x < 32) WarpFindCrossing<Bin>(bins, s.remaining, &s.digit, &s.above);
+  __syncthreads();
+  const int d = s.digit;
+  if (d < 0) return false;  // keep the whole current range
+  if (threadIdx.x == 0) {
+    s.remaining -= s.above;
+    s.prefix |= static_cast<uint32_t>(d) << shift;
+    s.mask |= 255u << shift;
+  }
+  __syncthreads();
+  return true;
+}
+
 // Radix select over keys = OrderedKey(log p) of the candidates (log p >= floor).
 // WEIGHTED=false: the k-th largest value (need = k, bins count tokens).
 // WEIGHTED=true: the value v where the weight strictly above v is < need * total
@@ -110,17 +145,15 @@ __device__ float BlockRadixSelect(const RowPtrs<TB, TM>& row, int vocab, const M
                                   float max_logp, float inv_t, double need) {
   using Bin = typename std::conditional<WEIGHTED, unsigned long long, int>::type;
   __shared__ Bin bins[256];
-  __shared__ uint32_t prefix, mask;
-  __shared__ Bin remaining, above;
-  __shared__ int digit;
+  __shared__ RadixState<Bin> st;
   if (threadIdx.x == 0) {
-    prefix = mask = 0;
-    if constexpr (!WEIGHTED) remaining = static_cast<Bin>(need);
+    st.prefix = st.mask = 0;
+    if constexpr (!WEIGHTED) st.remaining = static_cast<Bin>(need);
   }
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int j = threadIdx.x; j < 256; j += kThreads) bins[j] = 0;
     __syncthreads();
-    const uint32_t pre = prefix, msk = mask;
+    const uint32_t pre = st.prefix, msk = st.mask;
     for (int i = threadIdx.x; i < vocab; i += kThreads) {
       const float lp = mix.LogProb(row.B(i), row.M(i));
       const uint32_t key = OrderedKey(lp);
@@ -134,27 +167,9 @@ __device__ float BlockRadixSelect(const RowPtrs<TB, TM>& row, int vocab, const M
       }
     }
     __syncthreads();
-    if constexpr (WEIGHTED) {
-      if (shift == 24 && threadIdx.x < 32) {  // the total weight of the candidates, once
-        Bin total = 0;
-        for (int j = threadIdx.x; j < 256; j += 32) total += bins[j];
-        for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-        if (threadIdx.x == 0) remaining = static_cast<Bin>(need * static_cast<double>(total));
-        __syncwarp();
-      }
-    }
-    if (threadIdx.x < 32) WarpFindCrossing<Bin>(bins, remaining, &digit, &above);
-    __syncthreads();
-    const int d = digit;
-    if (d < 0) break;  // nothing left to refine: keep the whole current range
-    if (threadIdx.x == 0) {
-      remaining -= above;
-      prefix |= static_cast<uint32_t>(d) << shift;
-      mask |= 255u << shift;
-    }
-    __syncthreads();
+    if (!RadixNextDigit<WEIGHTED>(bins, shift, need, st)) break;
   }
-  return KeyToFloat(prefix);
+  return KeyToFloat(st.prefix);
 }
 
 // Inverse-CDF pick among tokens with log p >= threshold: the first token whose

@@ -27,7 +27,8 @@ DRIVER = HERE / "driver.cpp"
 CSRC = Path(os.environ.get("CUDACPU_CSRC", HERE.parents[1] / "csrc"))
 SANITIZE = os.environ.get("CUDACPU_SANITIZE", "")
 
-KERNELS = {"joint": 0, "target": 1, "sample": 2}
+KERNELS = {"joint": 0, "target": 1, "sample": 2, "sample_v2": 3}
+SAMPLERS = ("sample", "sample_v2")  # v1 (kernels/sample.cuh) and v2 (kernels/sample_split.cuh): the same outputs
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PARAM_NAMES = ("lmbda", "knn_temp", "base_temp", "temperature", "top_k", "top_p", "min_p")  # the table's columns
 SENTINEL = 0x5A  # the driver's fill byte of outputs
@@ -93,6 +94,7 @@ class Case:
     offset: int = 0
     captured: bool = False  # the Philox state behind pointers, with this intra-graph offset
     offset_intragraph: int = 0
+    max_blocks: int = 264  # sample_v2 splits a row over blocks while rows x chunks <= this (2 x an H100's SMs)
 
     def scalar(self, name: str) -> float:
         defaults = {"lmbda": 0.25, "knn_temp": 1.0, "base_temp": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
@@ -118,8 +120,8 @@ def _span_bytes(t: torch.Tensor) -> bytes:
 def write_case(case: Case, path: Path) -> None:
     rows, vocab = case.base.shape
     head = struct.pack(
-        "<8s9q7d3Q", b"MDFCASE1", KERNELS[case.kernel], DTYPES[case.base.dtype], DTYPES[case.mem.dtype], rows, vocab,
-        case.base.stride(0), case.mem.stride(0), case.table is not None, case.captured,
+        "<8s10q7d3Q", b"MDFCASE2", KERNELS[case.kernel], DTYPES[case.base.dtype], DTYPES[case.mem.dtype], rows, vocab,
+        case.base.stride(0), case.mem.stride(0), case.table is not None, case.captured, case.max_blocks,
         *(case.scalar(n) for n in PARAM_NAMES), case.seed, case.offset, case.offset_intragraph,
     )
     parts = [head, _span_bytes(case.base), _span_bytes(case.mem)]

@@ -13,11 +13,12 @@
 
 #include "kernels/mixture.cuh"
 #include "kernels/sample.cuh"
+#include "kernels/sample_split.cuh"
 
 namespace memdec_fast {
 namespace {
 
-enum Kernel : int64_t { kJoint = 0, kTarget = 1, kSample = 2 };
+enum Kernel : int64_t { kJoint = 0, kTarget = 1, kSample = 2, kSampleV2 = 3 };
 enum Dtype : int64_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
 constexpr unsigned char kSentinel = 0x5a;
 
@@ -39,6 +40,7 @@ struct Reader {
 
 struct Case {
   int64_t kernel, base_dtype, mem_dtype, rows, vocab, base_stride, mem_stride, has_table, captured;
+  int64_t max_blocks;  // sample_v2: how many blocks fill the GPU (the glue: 2 x the SM count)
   RowParams scalars;
   PhiloxArgs philox;
   int64_t seed_value, offset_value;  // what the captured pointers point at
@@ -54,7 +56,7 @@ Case ReadCase(FILE* f) {
   Reader r{f};
   char magic[8];
   for (char& c : magic) c = r.Get<char>();
-  if (std::memcmp(magic, "MDFCASE1", 8) != 0) cudacpu::Fail("driver: not a case file");
+  if (std::memcmp(magic, "MDFCASE2", 8) != 0) cudacpu::Fail("driver: not a case file");
   Case c;
   c.kernel = r.Get<int64_t>();
   c.base_dtype = r.Get<int64_t>();
@@ -65,6 +67,7 @@ Case ReadCase(FILE* f) {
   c.mem_stride = r.Get<int64_t>();
   c.has_table = r.Get<int64_t>();
   c.captured = r.Get<int64_t>();
+  c.max_blocks = r.Get<int64_t>();
   double p[7];
   for (double& x : p) x = r.Get<double>();
   c.scalars = RowParams{float(p[0]), float(p[1]), float(p[2]), float(p[3]), int(p[4]), float(p[5]), float(p[6])};
@@ -113,7 +116,7 @@ void Run(Case& c, FILE* out) {
     auto* lpm = reinterpret_cast<float*>(output(c.rows * sizeof(float)));
     LaunchTargetLogprobs(base, c.base_stride, mem, c.mem_stride, rows, vocab,
                          reinterpret_cast<const int64_t*>(c.targets.get()), table, c.scalars, joint, lpb, lpm, stream);
-  } else if (c.kernel == kSample) {
+  } else if (c.kernel == kSample || c.kernel == kSampleV2) {
     auto* tokens = reinterpret_cast<int64_t*>(output(c.rows * sizeof(int64_t)));
     auto* lps = reinterpret_cast<float*>(output(c.rows * sizeof(float)));
     std::unique_ptr<int64_t> seed_ptr(new int64_t(c.seed_value)), offset_ptr(new int64_t(c.offset_value));
@@ -121,7 +124,14 @@ void Run(Case& c, FILE* out) {
       c.philox.seed_ptr = seed_ptr.get();
       c.philox.offset_ptr = offset_ptr.get();
     }
-    LaunchSample(base, c.base_stride, mem, c.mem_stride, rows, vocab, table, c.scalars, c.philox, tokens, lps, stream);
+    if (c.kernel == kSample) {
+      LaunchSample(base, c.base_stride, mem, c.mem_stride, rows, vocab, table, c.scalars, c.philox, tokens, lps, stream);
+    } else {  // the workspace exactly as large as planned, and filled with the sentinel: no read before a write
+      const SplitPlan plan = PlanSampleSplit(rows, vocab, static_cast<int>(c.max_blocks));
+      std::unique_ptr<unsigned char[]> workspace = Output(plan.bytes);
+      LaunchSampleSplit(base, c.base_stride, mem, c.mem_stride, rows, vocab, table, c.scalars, c.philox, tokens, lps,
+                        plan, workspace.get(), stream);
+    }
   } else {
     cudacpu::Fail("driver: unknown kernel %lld", static_cast<long long>(c.kernel));
   }

@@ -4,7 +4,7 @@ fails on each. It proves the harness can fail.
     python tests/cudacpu/mutate.py [--all-detectors] [--sanitizers-checked] [NAME ...]
 
 For each mutation the detectors (the plain shim, TSan, ASan + UBSan) run over the cases marked `sanitize` in
-test_cudacpu_kernels.py until one fails, the one expected to catch it first; --all-detectors runs all three.
+test_cudacpu_kernels.py and test_cudacpu_sampler_v2.py (a mutation's `only` narrows them to its kernel's) until one fails, the one expected to catch it first; --all-detectors runs all three.
 A control run on an unchanged copy comes first, under every detector (only the plain one with
 --sanitizers-checked, which ci.sh passes after sanitize.sh): if it fails, a failure under a mutation means nothing. A mutation that
 no detector catches, or that does not apply or compile, fails the script. Prints a table.
@@ -29,6 +29,8 @@ sys.path.insert(0, str(HERE))
 from cudacpu_harness import build_driver
 
 DETECTORS = ("plain", "thread", "address")
+V2 = "sample_v2 or split"  # the marked cases of the v2 sampler
+TEST_FILES = ("test_cudacpu_kernels.py", "test_cudacpu_sampler_v2.py")
 
 
 @dataclasses.dataclass
@@ -38,6 +40,7 @@ class Mutation:
     old: str  # must occur exactly once
     new: str
     expect: str  # the detector that should catch it
+    only: str = ""  # a pytest -k expression: the marked cases that run the mutated kernel (default all)
 
 
 MUTATIONS = [
@@ -49,12 +52,12 @@ MUTATIONS = [
     Mutation("shfl_up swapped for shfl_down", "kernels/sample.cuh",
              "__shfl_up_sync(0xffffffffu, incl, o)", "__shfl_down_sync(0xffffffffu, incl, o)", "plain"),
     Mutation("conditional __syncthreads", "kernels/sample.cuh",
-             "    __syncthreads();\n    const uint32_t pre = prefix", "    if (threadIdx.x < 256) __syncthreads();\n"
-             "    const uint32_t pre = prefix", "plain"),
+             "    __syncthreads();\n    const uint32_t pre = st.prefix", "    if (threadIdx.x < 256) __syncthreads();\n"
+             "    const uint32_t pre = st.prefix", "plain"),
     Mutation("warp function called by 16 lanes", "kernels/sample.cuh",
              "if (threadIdx.x < 32) WarpFindCrossing", "if (threadIdx.x < 16) WarpFindCrossing", "plain"),
     Mutation("uninitialised prefix", "kernels/sample.cuh",
-             "    prefix = mask = 0;", "    mask = 0;", "plain"),
+             "    st.prefix = st.mask = 0;", "    st.mask = 0;", "plain"),
     Mutation("non-atomic histogram", "kernels/sample.cuh",
              "atomicAdd(&bins[(key >> shift) & 255u], 1);", "bins[(key >> shift) & 255u] += 1;", "thread"),
     Mutation("j <= 256 on a shared array", "kernels/sample.cuh",
@@ -63,6 +66,17 @@ MUTATIONS = [
     Mutation("i <= vocab on a global array", "kernels/mixture.cuh",
              "  for (int i = threadIdx.x; i < vocab; i += kThreads) {\n    o[i]",
              "  for (int i = threadIdx.x; i <= vocab; i += kThreads) {\n    o[i]", "address"),
+    # the v2 sampler (kernels/sample_split.cuh)
+    Mutation("v2: 64-bit bin carry dropped", "kernels/sample_split.cuh",
+             "const unsigned carry = old + w_lo < old ? 1u : 0u;", "const unsigned carry = 0u;", "plain", V2),
+    Mutation("v2: statistics of chunk 0 only", "kernels/sample_split.cuh",
+             "  for (int g = 0; g < chunks; ++g) {\n    s.base = MaxSumMerge",
+             "  for (int g = 0; g < 1; ++g) {\n    s.base = MaxSumMerge", "plain", V2),
+    Mutation("v2: i <= hi in the scalar tail", "kernels/sample_split.cuh",
+             "for (int i = tail + threadIdx.x; i < hi; i += kThreads)",
+             "for (int i = tail + threadIdx.x; i <= hi; i += kThreads)", "address", V2),
+    Mutation("v2: no barrier after zeroing bins", "kernels/sample_split.cuh",
+             "low[j] = high[j] = 0;\n    __syncthreads();", "low[j] = high[j] = 0;", "thread", V2),
 ]
 
 # The first line of a failure that says why, from the shim, a sanitizer or an assertion.
@@ -85,8 +99,8 @@ def mutated_copy(m: Mutation | None, dest: Path) -> Path:
     return csrc
 
 
-def run_detector(detector: str, csrc: Path, cache: Path) -> tuple[bool, str, float]:
-    """(caught, evidence, seconds) of the marked cases under one detector."""
+def run_detector(detector: str, csrc: Path, cache: Path, only: str = "") -> tuple[bool, str, float]:
+    """(caught, evidence, seconds) of the marked cases (those `only` selects) under one detector."""
     start = time.monotonic()
     sanitize = "" if detector == "plain" else detector
     try:
@@ -95,8 +109,8 @@ def run_detector(detector: str, csrc: Path, cache: Path) -> tuple[bool, str, flo
         return False, f"BUILD FAILED: {str(e).splitlines()[-1]}", time.monotonic() - start
     env = {**os.environ, "CUDACPU_CSRC": str(csrc), "CUDACPU_SANITIZE": sanitize, "CUDACPU_CACHE": str(cache),
            "CUDACPU_TIMEOUT": "60"}
-    cmd = [sys.executable, "-m", "pytest", str(HERE / "test_cudacpu_kernels.py"), "-m", "sanitize", "-x", "-q",
-           "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", *(str(HERE / f) for f in TEST_FILES), "-m", "sanitize", "-x", "-q",
+           "-p", "no:cacheprovider", *(["-k", only] if only else [])]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT)
     text = (proc.stdout + proc.stderr).replace(f"{csrc}/", "csrc/")
     return proc.returncode != 0, evidence_of(text), time.monotonic() - start
@@ -136,7 +150,7 @@ def main() -> int:
             csrc = mutated_copy(m, Path(tmp) / str(i))
             caught_by = []
             for detector in sorted(DETECTORS, key=lambda d: d != m.expect):
-                caught, evidence, seconds = run_detector(detector, csrc, cache)
+                caught, evidence, seconds = run_detector(detector, csrc, cache, m.only)
                 print(f"{m.name}: {detector}: {'caught' if caught else 'passed'} in {seconds:.0f} s: {evidence}",
                       flush=True)
                 if caught:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CPU harness's cases marked `sanitize` (every kernel, every filter, special values, strided rows; the shim's
-# collectives) under ThreadSanitizer, then under AddressSanitizer + UndefinedBehaviorSanitizer with exact-size
+# The CPU harness's cases marked `sanitize` (every kernel, both samplers, v2's row split over blocks, every filter,
+# special values, strided rows; the shim's collectives) under ThreadSanitizer, then under AddressSanitizer + UndefinedBehaviorSanitizer with exact-size
 # buffers. A few minutes on 2 cores.
 #   bash tests/cudacpu/sanitize.sh [pytest args]
 # CUDACPU_CSRC compiles another csrc/ (mutate.py's copies); CUDACPU_CACHE keeps the compiled drivers.

@@ -13,7 +13,7 @@ import math
 import cudacpu_fixtures
 import pytest
 import torch
-from cudacpu_harness import PARAM_NAMES, Case, run_case
+from cudacpu_harness import PARAM_NAMES, SAMPLERS, Case, run_case
 from cudacpu_reference import exact_pick, rounding_picks, row_uniform
 
 from memdec_fast import reference
@@ -154,20 +154,22 @@ def test_target_logprobs(driver, work, base_dtype, mem_dtype):
         assert_logprobs_close(out[name], want, f"target log p ({name})")
 
 
+@pytest.mark.parametrize("kernel", SAMPLERS)
 @pytest.mark.parametrize("base_dtype,mem_dtype", DTYPE_PAIRS, ids=lambda d: str(d).removeprefix("torch."))
-def test_sample(driver, work, base_dtype, mem_dtype):
-    case = behaviour_case("sample", base_dtype, mem_dtype, 1531, seed=3, strided=base_dtype != mem_dtype)
+def test_sample(driver, work, base_dtype, mem_dtype, kernel):
+    case = behaviour_case(kernel, base_dtype, mem_dtype, 1531, seed=3, strided=base_dtype != mem_dtype)
     check_sample(driver, work, case)
 
 
+@pytest.mark.parametrize("kernel", SAMPLERS)
 @pytest.mark.parametrize("vocab", [2, 31, 512, 513, 4099, 50257])
-def test_vocab_sizes(driver, work, vocab):
+def test_vocab_sizes(driver, work, vocab, kernel):
     """Odd, power-of-two and GPT-2's vocabularies, rows strided in a padded one; all filters at once."""
     base = make_logits(3, vocab, torch.bfloat16, seed=vocab, pad=64 - vocab % 64)
     mem = make_logits(3, vocab, torch.float32, seed=vocab + 1)
     params = {"lmbda": 0.3, "temperature": 0.9, "top_k": min(40, vocab - 1), "top_p": 0.9, "min_p": 0.01}
     check_joint(driver, work, Case("joint", base, mem, params))
-    check_sample(driver, work, Case("sample", base, mem, params, seed=vocab, offset=12))
+    check_sample(driver, work, Case(kernel, base, mem, params, seed=vocab, offset=12))
 
 
 @pytest.mark.parametrize("params", [
@@ -176,26 +178,28 @@ def test_vocab_sizes(driver, work, vocab):
     {"temperature": 1.2, "top_p": 0.5},
     {"temperature": 1.0, "top_p": 0.3, "min_p": 0.1},
 ], ids=str)
-def test_many_rows_scalars(driver, work, params):
+@pytest.mark.parametrize("kernel", SAMPLERS)
+def test_many_rows_scalars(driver, work, params, kernel):
     """48 rows with the call's scalars (no table): each row draws its own number from the same Philox call."""
     base = make_logits(48, 300, torch.float16, seed=7)
     mem = make_logits(48, 300, torch.float32, seed=8)
-    check_sample(driver, work, Case("sample", base, mem, {"lmbda": 0.4, **params}, seed=99, offset=40))
+    check_sample(driver, work, Case(kernel, base, mem, {"lmbda": 0.4, **params}, seed=99, offset=40))
 
 
-def test_captured_philox_state(driver, work):
+@pytest.mark.parametrize("kernel", SAMPLERS)
+def test_captured_philox_state(driver, work, kernel):
     """Under CUDA-graph capture the seed and offset come through pointers, plus the intra-graph offset."""
     base = make_logits(6, 700, torch.float32, seed=11)
     mem = make_logits(6, 700, torch.float32, seed=12)
     params = {"lmbda": 0.5, "top_p": 0.95}
-    direct = Case("sample", base, mem, params, seed=2**63 + 5, offset=4 * 7 + 8)
-    captured = Case("sample", base, mem, params, seed=2**63 + 5, offset=4 * 7, captured=True, offset_intragraph=8)
+    direct = Case(kernel, base, mem, params, seed=2**63 + 5, offset=4 * 7 + 8)
+    captured = Case(kernel, base, mem, params, seed=2**63 + 5, offset=4 * 7, captured=True, offset_intragraph=8)
     assert torch.equal(run_case(driver, direct, work)["tokens"], run_case(driver, captured, work)["tokens"])
     check_sample(driver, work, captured)
 
 
 @pytest.mark.sanitize
-@pytest.mark.parametrize("kernel", ["joint", "target", "sample"])
+@pytest.mark.parametrize("kernel", ["joint", "target", *SAMPLERS])
 @pytest.mark.parametrize("base_dtype,mem_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)],
                          ids=lambda d: str(d).removeprefix("torch."))
 def test_sanitize_cases(driver, work, kernel, base_dtype, mem_dtype):
@@ -204,7 +208,7 @@ def test_sanitize_cases(driver, work, kernel, base_dtype, mem_dtype):
     case = behaviour_case(kernel, base_dtype, mem_dtype, 389, seed=5, strided=base_dtype == torch.float16)
     if kernel == "joint":
         check_joint(driver, work, case)
-    elif kernel == "sample":
+    elif kernel in SAMPLERS:
         check_sample(driver, work, case)
     else:
         out = run_case(driver, case, work)
