@@ -39,7 +39,7 @@ step() {  # step NAME COMMAND...: run, time, record the exit status; never stop 
 # 1. build in place, for the GPU present (setup.py picks its architecture)
 step build "$PY" setup.py build_ext --inplace
 # 2. every test file with CUDA tests (CUDA tests skip on a CPU)
-CUDA_TESTS="tests/test_ops.py tests/test_cuda_graph.py tests/test_engine.py tests/test_generator.py"
+CUDA_TESTS="tests/test_ops.py tests/test_decode_step.py tests/test_engine.py tests/test_generator.py"
 [ -f tests/test_llama.py ] && CUDA_TESTS="$CUDA_TESTS tests/test_llama.py"
 # shellcheck disable=SC2086
 step tests "$PY" -m pytest -q -p no:cacheprovider $CUDA_TESTS --junitxml "$OUT/tests.xml"
@@ -63,6 +63,19 @@ else
   step bench_llama "$PY" benchmarks/bench_llama.py --device cuda --pair 1.5b+0.5b --batches 1 8 32 --new-tokens 64 \
     --out "$OUT/llama.json"
 fi
+# 4b. the sampler (issue 20 part 2): v2 (kernels/sample_split.cuh) is the default the steps above ran; v1
+# (kernels/sample.cuh) runs the sample tests again, then each is timed in its own process (the variable is read once)
+# and the two are compared side by side with the rows whose tokens differ (benchmarks/NOTES.md, "The sampler redesign")
+step tests_sampler_v1 env MEMDEC_FAST_SAMPLER=v1 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py -k sample
+SAMPLER_ARGS=""
+[ "$TINY" = 1 ] && SAMPLER_ARGS="--tiny --reps 5"
+for sampler in v1 v2; do
+  # shellcheck disable=SC2086
+  step "bench_sampler_$sampler" env MEMDEC_FAST_SAMPLER=$sampler "$PY" benchmarks/bench_sampler.py $SAMPLER_ARGS \
+    --out "$OUT/sampler_$sampler.json"
+done
+step bench_sampler_compare "$PY" benchmarks/bench_sampler.py --compare "$OUT/sampler_v1.json" "$OUT/sampler_v2.json"
+cat "$OUT/bench_sampler_compare.log"
 # 5. the vLLM plugin, where vLLM is installed (the device image has none, and no network to fetch it)
 if "$PY" -c "import vllm" 2> /dev/null; then
   step tests_vllm "$PY" -m pytest -q -p no:cacheprovider tests/vllm --junitxml "$OUT/tests_vllm.xml"
