@@ -32,15 +32,8 @@ from memdec_fast.engine.bridge import FutureSink, RequestStream, StreamChannel
 from memdec_fast.engine.scheduler import Request, Scheduler, Sink
 from memdec_fast.engine.step import ModelStep
 from memdec_fast.engine.types import EngineClosed, InvalidArgument, RequestFailed, RequestOutput, StreamDelta
+from memdec_fast.generation import requests
 from memdec_fast.generation.outputs import Ending
-from memdec_fast.generation.requests import (
-    check_one_prompt,
-    check_prompt_length,
-    check_request,
-    encode_prompts,
-    parse_stop,
-    sampling_params,
-)
 from memdec_fast.models.pair import ModelPair
 
 __all__ = ["Engine"]
@@ -229,16 +222,16 @@ class Engine:
             raise TypeError(f"unexpected arguments {unknown}")
         s = SAMPLING | sampling
         with _blame("prompt"):
-            check_one_prompt(prompt)
-            ids = encode_prompts(prompt, self._encoder(), self.vocab)[0]
+            requests.check_one_prompt(prompt)
+            ids = requests.encode_prompts(prompt, self._encoder(), self.vocab)[0]
         with _blame("stop"):
-            stop_ids, stop_strings = parse_stop(s["stop"], self._encoder(), self.vocab)
+            stop_ids, stop_strings = requests.parse_stop(s["stop"], self._encoder(), self.vocab)
         with _blame("max_new_tokens"):
-            check_request(s["max_new_tokens"], None)
+            requests.check_request(s["max_new_tokens"], None)
         with _blame("seed"):
-            check_request(1, s["seed"])
+            requests.check_request(1, s["seed"])
         try:
-            check_prompt_length(len(ids), s["max_new_tokens"], self.max_context)
+            requests.check_prompt_length(len(ids), s["max_new_tokens"], self.max_context)
         except ValueError as err:
             raise InvalidArgument("prompt", str(err).removeprefix("prompt ")) from None
         pair = self.pair
@@ -247,7 +240,7 @@ class Engine:
         params = {}
         for name, value in values.items():
             with _blame(name):
-                params |= sampling_params(1, torch.device("cpu"), **{name: value})
+                params |= requests.sampling_params(1, torch.device("cpu"), **{name: value})
         # top_k >= vocab keeps every token: the same filter, in the int64 the kernels take
         params["top_k"] = min(params["top_k"], self.vocab) if isinstance(params["top_k"], int) else params["top_k"]
         params = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
