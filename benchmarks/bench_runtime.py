@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch-only", action="store_true", help="time generator_b8 alone (to alternate checkouts)")
     p.add_argument("--label", default="", help="what is measured, e.g. the checkout's commit when it is not this one")
     p.add_argument("--out")
     args = p.parse_args()
@@ -65,7 +66,7 @@ def main() -> None:
     with Engine(gen, max_batch=8, max_context=args.prompt_tokens + args.new_tokens) as engine:
         for rnd in range(args.repeats + 1):  # round 0: warm-up
             seq = eng = 0.0
-            for prompt in prompts:  # interleaved, request by request
+            for prompt in [] if args.batch_only else prompts:  # interleaved, request by request
                 t = time.perf_counter()
                 a = gen.generate(prompt, **kw).token_ids[0]
                 seq += time.perf_counter() - t
@@ -77,13 +78,17 @@ def main() -> None:
             batch = gen.generate(prompts, **kw).token_ids
             b8 = time.perf_counter() - t
             if rnd:
-                times["generator_seq"].append(seq / len(prompts))
-                times["engine_c1"].append(eng / len(prompts))
+                if not args.batch_only:
+                    times["generator_seq"].append(seq / len(prompts))
+                    times["engine_c1"].append(eng / len(prompts))
                 times["generator_b8"].append(b8)
             print(f"round {rnd}: generator {seq / len(prompts):.3f} s/request, engine c1 {eng / len(prompts):.3f} "
                   f"s/request, generator batch 8 {b8:.3f} s", flush=True)
         assert batch == [gen.generate(q, **kw).token_ids[0] for q in prompts], "batch 8 differs from alone"
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) if v else None for k, v in times.items()}
+    if args.batch_only:
+        print(json.dumps({"label": args.label, "generator_b8_s": times["generator_b8"], "median": med["generator_b8"]}))
+        return
     result = {
         "what": "issue 21: JointGenerator vs Engine at concurrency 1 (interleaved), JointGenerator at batch 8",
         "label": args.label,
