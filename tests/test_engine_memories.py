@@ -155,3 +155,10 @@ def test_memory_and_memories_are_exclusive(ckpts):
         Engine.from_pretrained(ckpts["base"], ckpts["decoder"], memories={"bio": ckpts["decoder"]})
     with pytest.raises(ValueError, match="pass one memory, or memories"):
         Engine.from_pretrained(ckpts["base"])
+
+
+def test_several_memories_decode_without_cuda_graphs(engine):
+    from memdec_fast.engine.step import graph_reason
+
+    assert "3 memories share the base" in graph_reason(engine.pair, 3)
+    assert not engine._step.replay and not engine._step.graphs

@@ -535,5 +535,6 @@ class Engine:
         if req.slot is not None:
             upto = None if written is None else req.position + 1 if written == -1 else written
             self._step.clear_slot(req.slot, upto)
+            self._step.set_memory(req.slot, -1)  # a free slot in a step's rows runs no memory
         with self._sched.cond:
             self._sched.release(req)
