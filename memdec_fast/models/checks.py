@@ -99,12 +99,14 @@ MEMORY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def check_memory_names(names: list[str]) -> None:
-    """Memory names must be unique and URL-safe (:data:`MEMORY_NAME`); the message names the memory."""
+    """Memory names must be unique, URL-safe (:data:`MEMORY_NAME`) and not "base"; the message names the memory."""
     seen: set[str] = set()
     for name in names:
         if not isinstance(name, str) or not MEMORY_NAME.fullmatch(name):
             raise ValueError(f"memory {name!r}: a memory name takes 1-64 letters, digits, '_', '.' or '-', "
                              "starting with a letter or digit")
+        if name == "base":
+            raise ValueError("memory 'base': the name is reserved for the base alone (the server's metrics label)")
         if name in seen:
             raise ValueError(f"memory {name!r}: the name is given twice; memory names must be unique")
         seen.add(name)
