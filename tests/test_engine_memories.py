@@ -24,9 +24,12 @@ MIXING = {"bio": (0.4, 0.8), "law": (0.7, 1.3), "fin": (0.3, 1.0)}  # lmbda, knn
 
 @pytest.fixture(scope="module")
 def paths(ckpts, tmp_path_factory, tokenizer):
-    """The memories by name: two Memory Decoders of different shapes, and an MLP Memory."""
-    law = save_gpt2(tmp_path_factory.mktemp("law") / "decoder", tokenizer, seed=11, n_embd=16, n_head=2, n_layer=2)
-    return {"bio": ckpts["decoder"], "law": law, "fin": ckpts["mlp"]}
+    """The memories by name: two Memory Decoders of one shape (they share slot caches), an MLP Memory, and
+    ("odd") a Memory Decoder of another shape."""
+    law = save_gpt2(tmp_path_factory.mktemp("law") / "decoder", tokenizer, seed=11, n_embd=48, n_head=3, n_layer=3,
+                    activation_function="relu")
+    odd = save_gpt2(tmp_path_factory.mktemp("odd") / "decoder", tokenizer, seed=12, n_embd=16, n_head=2, n_layer=2)
+    return {"bio": ckpts["decoder"], "law": law, "fin": ckpts["mlp"], "odd": odd}
 
 
 def specs(paths) -> dict:
@@ -69,7 +72,9 @@ def test_engine_memories_are_shared_base_pairs(engine):
     assert all(p.base is pairs[0].base for p in pairs)
     assert [(p.lmbda, p.knn_temp) for p in pairs] == list(MIXING.values())
     assert [p.is_mlp for p in pairs] == [False, False, True]
-    assert len(engine._step.caches) == 3  # the base and the two Memory Decoders; the MLP Memory keeps none
+    # the base's caches, and one set for both Memory Decoders (one shape); the MLP Memory keeps none
+    assert len(engine._step.caches) == 2
+    assert engine._step.memory_caches[0] is engine._step.memory_caches[1] is engine._step.caches[1]
 
 
 def test_24_concurrent_requests_over_three_memories_and_the_base_equal_each_alone(engine, refs):
@@ -162,3 +167,14 @@ def test_several_memories_decode_without_cuda_graphs(engine):
 
     assert "3 memories share the base" in graph_reason(engine.pair, 3)
     assert not engine._step.replay and not engine._step.graphs
+
+
+def test_decoders_of_another_shape_get_caches_of_their_own(ckpts, paths, refs):
+    odd = JointGenerator.from_pretrained(ckpts["base"], paths["odd"], lmbda=0.5, knn_temp=1.0, cuda_graphs=False)
+    memories = {"bio": specs(paths)["bio"], "odd": {"path": paths["odd"], "lmbda": 0.5, "knn_temp": 1.0}}
+    with Engine.from_pretrained(ckpts["base"], memories=memories, cuda_graphs=False, max_batch=4) as eng:
+        assert len(eng._step.caches) == 3  # the base, and one set per decoder shape
+        cases = [(m, p) for m in ("odd", "bio") for p in PROMPTS[:3]]
+        futs = [eng.submit(p, memory=m, max_new_tokens=6) for m, p in cases]
+        for (memory, prompt), fut in zip(cases, futs):
+            assert_equals_alone(fut.result(WAIT), refs | {"odd": odd}, memory, prompt, max_new_tokens=6)

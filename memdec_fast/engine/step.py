@@ -23,7 +23,10 @@ is sampled again from the step's logits, outside the graph, by the caller.
 Several memories over one base (a ModelStep of several pairs sharing one base runner): each slot
 uses one memory, or none (the base alone). The base runs once over all rows; each Memory Decoder
 runs over the rows that use it, gathered by index, in caches of its own (all max_batch slots); an
-MLP Memory reads its rows' hidden states. Their logits land in one [B, V] tensor (index_copy; a
+MLP Memory reads its rows' hidden states. A slot uses one memory at a time, so Memory Decoders of one
+cache shape share one set of slot caches: the caches of a server with many memories are those of one
+pair per decoder shape, not one per memory (a slot's new request overwrites what it reads, and
+release zeroes what the last one wrote, whichever memory wrote it). Their logits land in one [B, V] tensor (index_copy; a
 base-alone row keeps the base's logits there, which its lmbda 0 ignores), and the one sampler call
 reads each row's parameters from the table. Such a step runs eagerly: its row sets change from step
 to step, and a graph would have to be captured per set (one log line says so on CUDA). A step of
@@ -150,12 +153,13 @@ class ModelStep:
         self.multi = len(self.pairs) > 1
         if self.multi:
             _check_shared_base(named)
-            # per runner: the base, then each Memory Decoder in the order of self.pairs
-            runners = [pair.base] + [p.memory for p in self.pairs if not p.is_mlp]
+            # the base, then one runner per Memory Decoder cache shape: decoders of one shape share their caches
+            shapes = {_cache_shape(p.memory): p.memory for p in self.pairs if not p.is_mlp}
+            runners = [pair.base, *shapes.values()]
             check_cache_fits(runners, max_batch, context + 1, self.device)
             self.caches = [r.new_slot_caches(max_batch, context + 1) for r in runners]
-            decoders = iter(range(1, len(runners)))
-            self.memory_caches = [None if p.is_mlp else self.caches[next(decoders)] for p in self.pairs]
+            by_shape = dict(zip(shapes, self.caches[1:]))
+            self.memory_caches = [None if p.is_mlp else by_shape[_cache_shape(p.memory)] for p in self.pairs]
         else:
             check_cache_fits(pair, max_batch, context + 1)
             self.caches = pair.new_slot_caches(max_batch, context + 1)  # slot `context`: scratch
@@ -374,3 +378,9 @@ def _check_shared_base(named: Mapping[str, ModelPair]) -> None:
                 raise ValueError(f"memory {name!r}: its MLP Memory reads base block {p.memory.layer_position}, another "
                                  "MLP Memory of this step another block; MLP Memories over one base must read one block")
     base.hidden_layer = next(iter(taps)) if taps else None
+
+
+def _cache_shape(runner) -> tuple:
+    """What a lean runner's slot caches look like: runners with equal ones can share them."""
+    model = runner.model
+    return (len(model.attention_blocks()), model.kv_shape(1, 1), next(model.parameters()).dtype, runner.device)
