@@ -178,3 +178,16 @@ def test_decoders_of_another_shape_get_caches_of_their_own(ckpts, paths, refs):
         futs = [eng.submit(p, memory=m, max_new_tokens=6) for m, p in cases]
         for (memory, prompt), fut in zip(cases, futs):
             assert_equals_alone(fut.result(WAIT), refs | {"odd": odd}, memory, prompt, max_new_tokens=6)
+
+
+def test_a_slot_passed_between_memories_of_shared_caches_carries_nothing(ckpts, paths, refs):
+    """Two decoders of one shape share slot caches: a memory whose position embeddings are NaN from position 20 on
+    (its request at lmbda 0 runs past that, writing NaN into the shared caches) must leave nothing for the next
+    request in that slot, of the other memory."""
+    with Engine.from_pretrained(ckpts["base"], memories={n: specs(paths)[n] for n in ("law", "bio")},
+                                cuda_graphs=False, max_batch=1) as eng:
+        with torch.no_grad():
+            eng.memories["law"].memory.model.wpe.weight[20:] = float("nan")
+        eng.submit(PROMPTS[4], memory="law", max_new_tokens=40, lmbda=0.0).result(WAIT)  # writes NaN at 20+
+        out = eng.submit(PROMPTS[0], memory="bio", max_new_tokens=30).result(WAIT)
+    assert_equals_alone(out, refs, "bio", PROMPTS[0], max_new_tokens=30)
