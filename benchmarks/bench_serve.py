@@ -244,6 +244,46 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_memories(result: dict, path: Path) -> None:
+    """--memories: output tokens/s of one memory (before, after) and of N, per concurrency; and the RSS of one
+    N-memory engine against N single-memory ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = result["runs"][0]
+    n, levels = run["memories"], run["levels"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = {"one": "one memory (before)", "many": f"{n} memories", "one_again": "one memory (after)"}
+    width = 0.8 / len(labels)
+    for j, (key, label) in enumerate(labels.items()):
+        xs = [i + (j - 1) * width for i in range(len(levels[key]))]
+        axes[0].bar(xs, [lv["output_tokens_per_s"] for lv in levels[key]], width, label=label)
+    axes[0].set_xticks(range(len(levels["one"])), [f"c={lv['concurrency']}" for lv in levels["one"]])
+    axes[0].set_ylabel("output tokens/s")
+    axes[0].set_title(f"{n} memories vs one: " + ", ".join(f"c={c}: {r}x" for c, r in
+                                                           run["tokens_per_s_many_vs_one"].items()))
+    axes[0].legend(fontsize=7)
+    rss = run["rss"]
+    singles = [r["rss_mb"] for r in rss["single_memory_mb"]]
+    axes[1].bar([0], [rss["many_memories_mb"]["rss_mb"]], 0.6, label=f"one engine, {n} memories")
+    bottom = 0.0
+    for i, mb in enumerate(singles):
+        axes[1].bar([1], [mb], 0.6, bottom=bottom, label="single-memory engines" if i == 0 else None,
+                    color="tab:orange", edgecolor="white")
+        bottom += mb
+    axes[1].set_xticks([0, 1], [f"1 x {n} memories", f"{n} x 1 memory"])
+    axes[1].set_ylabel("resident memory (MB)")
+    axes[1].set_title(f"RSS: {rss['ratio']}x")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"bench_serve --memories {n}: {result['pair']}, {result['device']} ({result['threads']} threads), "
+                 f"{result['date'][:10]}, {result['git_commit'][:7]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_dtype(base: Path, memory: Path, tok, device: str, dtype: str, reqs: list[dict], counts: dict[int, int],
               prefill_chunk: int | None) -> dict:
     """Baseline and every concurrency level, for one dtype."""
@@ -383,8 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         try:
-            if not args.memories:  # --memories: its few numbers are in the JSON, no figure
-                plot(result, args.out.with_suffix(".png"))
+            (plot_memories if args.memories else plot)(result, args.out.with_suffix(".png"))
         except ImportError:  # the `bench` extra: the JSON is the record, the picture a convenience
             print("bench_serve: matplotlib is not installed, so no PNG was drawn (pip install '.[bench]')")
     for run in runs:

@@ -57,6 +57,8 @@ def test_quick_memories_run_reports_both_engines_and_the_rss(bench, tmp_path, mo
     out = tmp_path / "memories.json"
     report = bench.main(["--quick", "--memories", "2", "--out", str(out), "--device", "cpu"])
     assert json.loads(out.read_text()) == report
+    require_test_extras("matplotlib")
+    assert out.with_suffix(".png").stat().st_size > 0
     (run,) = report["runs"]
     assert run["memories"] == 2 and set(run["levels"]) == {"one", "many", "one_again"}
     tokens = {label: [lv["output_tokens"] for lv in levels] for label, levels in run["levels"].items()}
