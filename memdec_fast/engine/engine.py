@@ -295,7 +295,10 @@ class Engine:
             return -1, None
         if name in self.memories:
             return list(self.memories).index(name), self.memories[name]
-        served = ", ".join(repr(n) for n in self.memories) or "none (one unnamed memory: omit memory, or pass None)"
+        if not self.memories:
+            raise InvalidArgument("memory", f"unknown memory {name!r}; this engine has one unnamed memory: omit "
+                                            "memory to use it, or pass None for the base alone")
+        served = ", ".join(repr(n) for n in self.memories)
         raise InvalidArgument("memory", f"unknown memory {name!r}; this engine serves the memories {served}, "
                                         "or None for the base alone")
 

@@ -22,15 +22,15 @@ is sampled again from the step's logits, outside the graph, by the caller.
 
 Several memories over one base (a ModelStep of several pairs sharing one base runner): each slot
 uses one memory, or none (the base alone). The base runs once over all rows; each Memory Decoder
-runs over the rows that use it, gathered by index, in caches of its own (all max_batch slots); an
-MLP Memory reads its rows' hidden states. A slot uses one memory at a time, so Memory Decoders of one
-cache shape share one set of slot caches: the caches of a server with many memories are those of one
-pair per decoder shape, not one per memory (a slot's new request overwrites what it reads, and
-release zeroes what the last one wrote, whichever memory wrote it). Their logits land in one [B, V] tensor (index_copy; a
-base-alone row keeps the base's logits there, which its lmbda 0 ignores), and the one sampler call
-reads each row's parameters from the table. Such a step runs eagerly: its row sets change from step
-to step, and a graph would have to be captured per set (one log line says so on CUDA). A step of
-one pair is exactly the single-memory step.
+runs over the rows that use it, gathered by index; an MLP Memory reads its rows' hidden states.
+Their logits land in one [B, V] tensor (index_copy; a base-alone row keeps the base's logits there,
+which its lmbda 0 ignores), and the one sampler call reads each row's parameters from the table.
+A slot uses one memory at a time, so Memory Decoders of one cache shape share one set of slot
+caches (all max_batch slots): the caches are those of one pair per decoder shape, however many
+memories there are (a request overwrites each position before reading it, and release zeroes what
+the slot's last request wrote, whichever memory wrote it). Such a step runs eagerly: its row sets
+change from step to step, and a graph would have to be captured per set (one log line says so). A
+step of one pair is exactly the single-memory step.
 """
 
 from __future__ import annotations
