@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py --out benchmarks/results/serve_cpu.json   # gpt2-small-shaped pair, CPU
     python benchmarks/bench_serve.py --quick --out /tmp/serve_quick.json      # tiny pair: a smoke run
+    python benchmarks/bench_serve.py --memories 3 --out benchmarks/results/serve_memories_cpu.json  # many memories
 
 What it drives: the engine directly, through ``Engine.stream`` (the path the HTTP server consumes for every
 request), without HTTP and JSON; it measures the engine, not the server's overhead.
@@ -14,6 +15,13 @@ first token) and time between tokens (each gap between consecutive tokens of a r
 Baseline, in the same run: the requests of concurrency 1 sent one at a time through ``JointGenerator.generate``.
 With several --dtype values, all of it runs once per dtype; the top-level "targets" are the first run's.
 --device defaults to cuda when available (benchmarks/gpu_check.sh runs it there), else cpu.
+
+--memories N (N >= 2): many memories over one base, instead of the levels above. N Memory Decoders of one shape
+(seeds 1..N); at each concurrency (default 32) the requests run on an engine of the first memory alone, then on
+one engine of all N with request i asking for memory i mod N, then on the single-memory engine again (the two
+single runs bracket the machine's drift). Then the resident memory (VmRSS after loading and one request) of one
+N-memory engine process against N single-memory engine processes, each a fresh interpreter. No JointGenerator
+baseline in this mode.
 
 Pair: random gpt2-small-shaped base (12 x 768, 12 heads) and Memory Decoder of the same shape, GPT-2's 50257
 tokens, a 256-position context (the longest request needs 64 + 40), saved with save_pretrained to a temporary
@@ -76,16 +84,17 @@ def load_average() -> list[float] | None:
         return None
 
 
-def build_pair(root: Path, dims: dict, memory_dims: dict | None = None) -> tuple[Path, Path, object]:
+def build_pair(root: Path, dims: dict, memory_dims: dict | None = None, memories: int = 1) -> tuple[Path, Path, object]:
     """Random GPT-2 base and Memory Decoder (of the base's shape unless memory_dims), saved; and their word-level
-    tokenizer, saved with the base."""
+    tokenizer, saved with the base. memories > 1: also memory2 ... memory<N> beside them (seeds 2..N)."""
     from tokenizers import Tokenizer, models
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(
         models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0")))
     paths = []
-    for name, seed, shape in (("base", 0, dims), ("memory", 1, memory_dims or dims)):
+    extra = [(f"memory{i}", i, memory_dims or dims) for i in range(2, memories + 1)]
+    for name, seed, shape in (("base", 0, dims), ("memory", 1, memory_dims or dims), *extra):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, **shape)).eval()
         model.save_pretrained(root / name)
@@ -150,7 +159,8 @@ async def run_level(engine: Engine, reqs: list[dict], concurrency: int) -> dict:
     """The requests through engine.stream with `concurrency` closed-loop workers."""
 
     async def deltas(r: dict):
-        async for d in engine.stream(r["prompt"], max_new_tokens=r["max_new_tokens"], temperature=0.0):
+        memory = {"memory": r["memory"]} if "memory" in r else {}
+        async for d in engine.stream(r["prompt"], max_new_tokens=r["max_new_tokens"], temperature=0.0, **memory):
             yield len(d.token_ids)
 
     return await closed_loop(deltas, reqs, concurrency)
@@ -234,6 +244,46 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_memories(result: dict, path: Path) -> None:
+    """--memories: output tokens/s of one memory (before, after) and of N, per concurrency; and the RSS of one
+    N-memory engine against N single-memory ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = result["runs"][0]
+    n, levels = run["memories"], run["levels"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = {"one": "one memory (before)", "many": f"{n} memories", "one_again": "one memory (after)"}
+    width = 0.8 / len(labels)
+    for j, (key, label) in enumerate(labels.items()):
+        xs = [i + (j - 1) * width for i in range(len(levels[key]))]
+        axes[0].bar(xs, [lv["output_tokens_per_s"] for lv in levels[key]], width, label=label)
+    axes[0].set_xticks(range(len(levels["one"])), [f"c={lv['concurrency']}" for lv in levels["one"]])
+    axes[0].set_ylabel("output tokens/s")
+    axes[0].set_title(f"{n} memories vs one: " + ", ".join(f"c={c}: {r}x" for c, r in
+                                                           run["tokens_per_s_many_vs_one"].items()))
+    axes[0].legend(fontsize=7)
+    rss = run["rss"]
+    singles = [r["rss_mb"] for r in rss["single_memory_mb"]]
+    axes[1].bar([0], [rss["many_memories_mb"]["rss_mb"]], 0.6, label=f"one engine, {n} memories")
+    bottom = 0.0
+    for i, mb in enumerate(singles):
+        axes[1].bar([1], [mb], 0.6, bottom=bottom, label="single-memory engines" if i == 0 else None,
+                    color="tab:orange", edgecolor="white")
+        bottom += mb
+    axes[1].set_xticks([0, 1], [f"1 x {n} memories", f"{n} x 1 memory"])
+    axes[1].set_ylabel("resident memory (MB)")
+    axes[1].set_title(f"RSS: {rss['ratio']}x")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"bench_serve --memories {n}: {result['pair']}, {result['device']} ({result['threads']} threads), "
+                 f"{result['date'][:10]}, {result['git_commit'][:7]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_dtype(base: Path, memory: Path, tok, device: str, dtype: str, reqs: list[dict], counts: dict[int, int],
               prefill_chunk: int | None) -> dict:
     """Baseline and every concurrency level, for one dtype."""
@@ -257,6 +307,64 @@ def run_dtype(base: Path, memory: Path, tok, device: str, dtype: str, reqs: list
             "baseline": baseline, "levels": levels, "targets": targets(levels, baseline)}
 
 
+def run_memories(base: Path, memories: list[Path], device: str, dtype: str, reqs: list[dict], counts: dict[int, int],
+                 prefill_chunk: int | None) -> dict:
+    """One memory, then N over one base (request i asks for memory i mod N), then one again; and the RSS."""
+    kw = {"lmbda": LMBDA, "knn_temp": KNN_TEMP, "device": device, "dtype": getattr(torch, dtype),
+          "max_batch": max(counts), "max_queue": len(reqs)} | ({} if prefill_chunk is None else
+                                                              {"prefill_chunk": prefill_chunk})
+    names = [f"m{i}" for i in range(len(memories))]
+    spread = [r | {"memory": names[i % len(names)]} for i, r in enumerate(reqs)]
+    runs = {}
+    for label, load, mix in (("one", lambda: Engine.from_pretrained(base, memories[0], **kw), reqs),
+                             ("many", lambda: Engine.from_pretrained(base, memories=dict(zip(names, memories)), **kw),
+                              spread),
+                             ("one_again", lambda: Engine.from_pretrained(base, memories[0], **kw), reqs)):
+        engine = load()
+        try:
+            engine.submit(reqs[0]["prompt"][:8], max_new_tokens=2, **({"memory": names[0]} if mix is spread else {})
+                          ).result()  # warm-up
+            runs[label] = engine_levels(engine, mix, counts, f"{dtype} {label} ({len(memories)} memories)"
+                                        if label == "many" else f"{dtype} {label} memory")
+        finally:
+            engine.close(timeout=0)
+    ratios = {}
+    for i, c in enumerate(counts):
+        single = (runs["one"][i]["output_tokens_per_s"] + runs["one_again"][i]["output_tokens_per_s"]) / 2
+        ratios[str(c)] = round(runs["many"][i]["output_tokens_per_s"] / single, 3)
+    probe = {"device": device, "dtype": dtype, "max_batch": max(counts), "lmbda": LMBDA, "knn_temp": KNN_TEMP}
+    many_rss = rss_probe(probe | {"base": str(base), "memories": {n: str(m) for n, m in zip(names, memories)}})
+    single_rss = [rss_probe(probe | {"base": str(base), "memory": str(m)}) for m in memories]
+    rss_ratio = many_rss["rss_mb"] / sum(r["rss_mb"] for r in single_rss)
+    c = 32 if 32 in counts else max(counts)
+    return {"dtype": dtype, "memories": len(memories), "levels": runs, "tokens_per_s_many_vs_one": ratios,
+            "rss": {"many_memories_mb": many_rss, "single_memory_mb": single_rss, "ratio": round(rss_ratio, 3)},
+            "targets": {"concurrency": c, "tokens_per_s_many_vs_one": ratios[str(c)], "tokens_per_s_target": 0.8,
+                        "tokens_per_s_met": ratios[str(c)] >= 0.8, "rss_ratio": round(rss_ratio, 3),
+                        "rss_target": 0.55, "rss_met": rss_ratio <= 0.55}}
+
+
+def rss_probe(spec: dict) -> dict:
+    """The resident memory of a fresh process that loads the engine of `spec` and serves one request (MB)."""
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-probe", json.dumps(spec)],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_child(spec: dict) -> None:
+    """--rss-probe: load, serve one request, print VmRSS and VmHWM (MB) as JSON."""
+    spec = dict(spec)
+    base, max_batch = spec.pop("base"), spec.pop("max_batch")
+    spec["dtype"] = getattr(torch, spec["dtype"])
+    engine = Engine.from_pretrained(base, max_batch=max_batch, **spec)
+    first = {"memory": next(iter(spec["memories"]))} if "memories" in spec else {}
+    engine.submit([1, 2, 3, 4], max_new_tokens=2, **first).result()
+    engine.close()
+    with open("/proc/self/status") as f:
+        status = {k: v.split()[0] for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+    print(json.dumps({"rss_mb": round(int(status["VmRSS"]) / 1024, 1), "hwm_mb": round(int(status["VmHWM"]) / 1024, 1)}))
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny pair and few requests: a smoke run")
@@ -269,8 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--prefill-chunk", type=int, help="the engine's prefill chunk (default: the engine's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memories", type=int,
+                   help="N >= 2: one Memory Decoder against N over one base, and their RSS (see the docstring)")
+    p.add_argument("--rss-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rss_probe:
+        _rss_child(json.loads(args.rss_probe))
+        return {}
+    if args.memories is not None and args.memories < 2:
+        p.error(f"--memories: expected N >= 2, got {args.memories}")
     cfg = QUICK if args.quick else FULL
+    if args.memories and not args.concurrency:
+        args.concurrency = [max(cfg["concurrency"][-1] // 2, 4)] if args.quick else [32]
     n = args.requests or cfg["requests"]
     low = min(n, args.min_requests or cfg["min_requests"])
     counts = {c: min(n, max(low, 2 * c)) for c in sorted(args.concurrency or cfg["concurrency"])}
@@ -278,8 +396,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     load_start, uptime_start, commit = load_average(), uptime(), git_commit()  # the code measured is HEAD at the start
     with tempfile.TemporaryDirectory() as tmp:
-        base, memory, tok = build_pair(Path(tmp), cfg["dims"])
-        runs = [run_dtype(base, memory, tok, device, dt, reqs, counts, args.prefill_chunk) for dt in args.dtype]
+        base, memory, tok = build_pair(Path(tmp), cfg["dims"], memories=args.memories or 1)
+        if args.memories:
+            mems = [memory] + [memory.with_name(f"memory{i}") for i in range(2, args.memories + 1)]
+            runs = [run_memories(base, mems, device, dt, reqs, counts, args.prefill_chunk) for dt in args.dtype]
+        else:
+            runs = [run_dtype(base, memory, tok, device, dt, reqs, counts, args.prefill_chunk) for dt in args.dtype]
     result = {
         "benchmark": "bench_serve", "driven": "engine directly (Engine.stream), no HTTP",
         "pair": ("tiny random pair" if args.quick else "gpt2-small-shaped random base + Memory Decoder (12x768 each)")
@@ -295,11 +417,13 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "targets": {"dtype": runs[0]["dtype"], **runs[0]["targets"]},  # the headline run's
     }
+    if args.memories:
+        result["mode"] = f"--memories {args.memories}: one Memory Decoder vs {args.memories} over one base"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         try:
-            plot(result, args.out.with_suffix(".png"))
+            (plot_memories if args.memories else plot)(result, args.out.with_suffix(".png"))
         except ImportError:  # the `bench` extra: the JSON is the record, the picture a convenience
             print("bench_serve: matplotlib is not installed, so no PNG was drawn (pip install '.[bench]')")
     for run in runs:

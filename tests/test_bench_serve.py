@@ -50,3 +50,18 @@ def test_request_mix_is_fixed_by_its_seed(bench):
     a = bench.request_mix(16, 3, (4, 64), (8, 32))
     assert a == bench.request_mix(16, 3, (4, 64), (8, 32)) and a != bench.request_mix(16, 4, (4, 64), (8, 32))
     assert all(4 <= len(r["prompt"]) <= 64 and 8 <= r["max_new_tokens"] <= 32 for r in a)
+
+
+def test_quick_memories_run_reports_both_engines_and_the_rss(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(SCRIPT.parents[1]))  # the RSS probes import this checkout
+    out = tmp_path / "memories.json"
+    report = bench.main(["--quick", "--memories", "2", "--out", str(out), "--device", "cpu"])
+    assert json.loads(out.read_text()) == report
+    require_test_extras("matplotlib")
+    assert out.with_suffix(".png").stat().st_size > 0
+    (run,) = report["runs"]
+    assert run["memories"] == 2 and set(run["levels"]) == {"one", "many", "one_again"}
+    tokens = {label: [lv["output_tokens"] for lv in levels] for label, levels in run["levels"].items()}
+    assert tokens["one"] == tokens["many"] == tokens["one_again"]  # no EOS: the same requests run to the end
+    assert run["rss"]["many_memories_mb"]["rss_mb"] > 0 and len(run["rss"]["single_memory_mb"]) == 2
+    assert report["targets"]["rss_ratio"] == run["rss"]["ratio"] > 0

@@ -68,12 +68,18 @@ def aclient(url: str, timeout: float = TIMEOUT) -> openai.AsyncOpenAI:
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    """The value of one sample in Prometheus text, e.g. metric(t, "memdec_fast_requests_total", 'outcome="success"')."""
-    key = f"{name}{{{labels}}}" if labels else name
+    """The sum of the samples of `name` whose labels include `labels` in Prometheus text, e.g.
+    metric(t, "memdec_fast_requests_total", 'outcome="success"') sums over the memory label."""
+    want = set(labels.split(",")) if labels else set()
+    found, total = False, 0.0
     for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    raise KeyError(key)
+        head, _, value = line.rpartition(" ")
+        sample, _, have = head.partition("{")
+        if sample == name and want <= set(filter(None, have.rstrip("}").split(","))):
+            found, total = True, total + float(value)
+    if not found:
+        raise KeyError(f"{name}{{{labels}}}")
+    return total
 
 
 def scrape(url: str) -> str:
@@ -532,7 +538,7 @@ def test_models_health_and_metrics(real):
         assert f"# TYPE memdec_fast_{name} gauge" in text
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
         assert f"# TYPE memdec_fast_{name} histogram" in text
-        assert f'memdec_fast_{name}_bucket{{le="+Inf"}}' in text
+        assert f'memdec_fast_{name}_bucket{{memory="default",le="+Inf"}}' in text
 
     def delta(name, labels=""):
         return metric(text, name, labels) - metric(before, name, labels)

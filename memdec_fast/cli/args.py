@@ -45,7 +45,9 @@ def common_flags(json_help: str = "print one JSON object on stdout") -> argparse
     p = Parser(add_help=False)
     g = p.add_argument_group("model pair")
     g.add_argument("--base", metavar="PATH", help="base LM: directory or hub name (default: the embedded demo base)")
-    g.add_argument("--memory", metavar="PATH", help="memory: directory or hub name (default: the embedded demo memory)")
+    g.add_argument("--memory", metavar="[NAME=]PATH", action="append",
+                   help="memory: directory or hub name (default: the embedded demo memory); NAME=PATH names it "
+                        "(serve takes several NAME=PATH, one model id each; elsewhere the name is a label)")
     g.add_argument("--memory-type", choices=("auto", "decoder", "mlp"), default="auto",
                    help="auto: an MLP Memory when its files say so, else a Memory Decoder")
     g.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
@@ -94,14 +96,65 @@ def apply_ranges(parser: argparse.ArgumentParser) -> None:
             action.help = f"{action.help + '; ' if action.help else ''}range {RANGES[key].describe()}"
 
 
-def pair_paths(args: argparse.Namespace) -> tuple[str, str]:
-    """(base, memory): --base and --memory, else the embedded demo pair; UsageError when the demo pair is missing."""
+def split_memory(text: str) -> tuple[str | None, str]:
+    """A --memory value: "NAME=PATH" -> (NAME, PATH); a PATH -> (None, PATH). The text before the first "=" is a
+    name only when it has no "/" (so "./a=b" and "runs/lr=3" are paths); UsageError for a name that is not one.
+
+    Example
+    -------
+    >>> split_memory("bio=/ckpt/bio"), split_memory("/ckpt/bio")
+    (('bio', '/ckpt/bio'), (None, '/ckpt/bio'))
+    """
+    name, sep, path = text.partition("=")
+    if not sep or "/" in name:
+        return None, text
+    from memdec_fast.models.checks import check_memory_names
+
+    try:
+        check_memory_names([name])
+    except ValueError as err:
+        raise UsageError(f"--memory {text}: {err}") from None
+    if not path:
+        raise UsageError(f"--memory {text}: no path after {name}=")
+    return name, path
+
+
+def memory_flags(args: argparse.Namespace) -> tuple[str, str | dict[str, str]]:
+    """(base, memory): memory is a path (no --memory, or one plain PATH), or {name: path} (every --memory is
+    NAME=PATH). UsageError for a mix, several plain paths, or a name given twice."""
+    given = args.memory or []
+    if not given:
+        return pair_paths(args)
+    split = [split_memory(m) for m in given]
+    named = [n for n, _ in split if n is not None]
+    if not named and len(split) == 1:
+        return pair_paths(args)
+    if len(named) != len(split):
+        raise UsageError("--memory: several memories must each be NAME=PATH (e.g. --memory bio=PATH --memory "
+                         "law=PATH2)")
+    from memdec_fast.models.checks import check_memory_names
+
+    try:
+        check_memory_names(named)
+    except ValueError as err:
+        raise UsageError(f"--memory: {err}") from None
+    return pair_paths(args, memory=False)[0], dict(split)
+
+
+def pair_paths(args: argparse.Namespace, memory: bool = True) -> tuple[str, str]:
+    """(base, memory): --base and --memory, else the embedded demo pair; UsageError when the demo pair is missing,
+    or when --memory is given more than once. A NAME=PATH memory gives its PATH (the name is a label).
+    memory=False: --memory is not read (the second item is None)."""
+    given = args.memory or []
+    if memory and len(given) > 1:
+        raise UsageError(f"--memory: given {len(given)} times; this command takes one memory (serve takes several "
+                         "NAME=PATH)")
     base = args.base or str(DEMO_DIR / "base")
-    memory = args.memory or str(DEMO_DIR / "memory")
-    for flag, given, path in (("--base", args.base, base), ("--memory", args.memory, memory)):
-        if given is None and not (Path(path) / "config.json").is_file():
+    mem = split_memory(given[0])[1] if given else str(DEMO_DIR / "memory")
+    for flag, flag_given, path in (("--base", args.base, base), ("--memory", given or not memory, mem)):
+        if not flag_given and not (Path(path) / "config.json").is_file():
             raise UsageError(f"{flag}: not given, and the embedded demo pair is missing ({path}); pass --base and --memory")
-    return base, memory
+    return base, mem if memory else None
 
 
 def resolve_device(text: str | None):

@@ -1,4 +1,4 @@
-"""Engine: continuous batching of many requests over one base and its memory.
+"""Engine: continuous batching of many requests over one base and its memory, or several memories.
 
 One background thread owns the models and runs the loop; each iteration (an engine *step*):
 
@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -34,6 +34,7 @@ from memdec_fast.engine.step import ModelStep
 from memdec_fast.engine.types import EngineClosed, InvalidArgument, RequestFailed, RequestOutput, StreamDelta
 from memdec_fast.generation import requests
 from memdec_fast.generation.outputs import Ending
+from memdec_fast.models import checks
 from memdec_fast.models.pair import ModelPair
 
 __all__ = ["Engine"]
@@ -54,8 +55,11 @@ def _blame(param: str):
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MEMORY = "<default>"
+"""A request's `memory` when it names none: the memory of an engine of one unnamed pair, else the base alone."""
+
 SAMPLING = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None,
-            "stop": None, "lmbda": None, "request_id": None}
+            "stop": None, "lmbda": None, "request_id": None, "memory": DEFAULT_MEMORY}
 """The sampling keyword arguments of submit / generate / stream, and their defaults."""
 
 PREFILL_CHUNK = 512
@@ -72,10 +76,15 @@ class Engine:
 
     Parameters
     ----------
-    pair : ModelPair, or anything holding one as ``.pair`` (a JointGenerator)
+    pair : ModelPair, anything holding one as ``.pair`` (a JointGenerator), or {name: ModelPair}
         Loaded models on memdec_fast's lean GPT-2 or Llama family (a lean Memory Decoder or an
         MLP Memory). The engine owns them from now on: do not generate with a JointGenerator over
         the same pair while the engine runs. A pair running in transformers raises ValueError.
+        Named pairs are several memories over one base (they must share its runner, as
+        :meth:`ModelPair.share_base` loads them): a request picks one with ``memory="name"``, or
+        runs on the base alone (lmbda 0, no memory forward) when it names none; names are unique
+        and URL-safe. With one unnamed pair, a request runs with that memory unless it passes
+        ``memory=None`` (the base alone).
     max_batch : int
         Cache slots: requests decoding at once. The caches of all slots are allocated here
         (max_batch x context positions per model).
@@ -93,6 +102,7 @@ class Engine:
     Attributes
     ----------
     tokenizer : the base's tokenizer
+    memories : {name: ModelPair}, the named memories ({} for one unnamed pair)
     max_context : int, positions a request may use (prompt + max_new_tokens - 1)
     max_batch, max_queue, prefill_chunk : int
     stats : dict of counters: steps, decode_steps, prefill_chunks, prefill_tokens, tokens
@@ -104,21 +114,30 @@ class Engine:
     ...     print(out.text, out.finish_reason)
     """
 
-    def __init__(self, pair: ModelPair, max_batch: int = 32, max_queue: int = 256,
+    def __init__(self, pair: ModelPair | Mapping[str, ModelPair], max_batch: int = 32, max_queue: int = 256,
                  prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True, max_context: int | None = None):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                                  ("prefill_chunk", prefill_chunk, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-        pair = getattr(pair, "pair", pair)
+        if isinstance(pair, Mapping):
+            checks.check_memory_names(list(pair))
+            if not pair:
+                raise ValueError("memories: expected at least one memory")
+            self.memories = dict(pair)
+            step_pairs = self.memories
+            pair = next(iter(self.memories.values()))
+        else:
+            pair = step_pairs = getattr(pair, "pair", pair)
+            self.memories = {}
         self.pair, self.tokenizer, self.vocab, self.device = pair, pair.tokenizer, pair.vocab, pair.device
-        self.max_context = pair.max_context
+        self.max_context = min(p.max_context for p in self.memories.values()) if self.memories else pair.max_context
         if max_context is not None:
             if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2:
                 raise ValueError(f"max_context: expected an int >= 2, got {max_context!r}")
             self.max_context = min(self.max_context, max_context)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self._step = ModelStep(pair, self.max_context, max_batch, cuda_graphs=cuda_graphs)
+        self._step = ModelStep(step_pairs, self.max_context, max_batch, cuda_graphs=cuda_graphs)
         self._sched = Scheduler(max_batch, max_queue, prefill_chunk)
         self._eos = self.tokenizer.eos_token_id
         self._tok_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
@@ -134,14 +153,19 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls, base: str | os.PathLike, memory: str | os.PathLike, *, cuda_graphs: bool = True, max_batch: int = 32,
-        max_queue: int = 256, prefill_chunk: int = PREFILL_CHUNK, max_context: int | None = None, **load,
+        cls, base: str | os.PathLike, memory: str | os.PathLike | None = None, *,
+        memories: Mapping[str, str | os.PathLike | Mapping] | None = None, cuda_graphs: bool = True,
+        max_batch: int = 32, max_queue: int = 256, prefill_chunk: int = PREFILL_CHUNK, max_context: int | None = None,
+        **load,
     ) -> Engine:
-        """Load a base and its memory and wrap them in an Engine.
+        """Load a base and its memory (or several named memories over it) and wrap them in an Engine.
 
         Parameters
         ----------
         base, memory : str or PathLike, checkpoints on memdec_fast's lean models
+        memories : {name: path or {"path", "memory_type", "lmbda", "knn_temp"}}, instead of `memory`
+            Several memories over one base, loaded once (see :meth:`ModelPair.share_base`): requests
+            pick one by name. Each memory's lmbda and knn_temp default to its stored values.
         cuda_graphs, max_batch, max_queue, prefill_chunk, max_context :
             As in :class:`Engine`.
         **load :
@@ -151,9 +175,14 @@ class Engine:
         Example
         -------
         >>> engine = Engine.from_pretrained("gpt2-xl", "path/to/memory", max_batch=32, max_queue=256)
+        >>> engine = Engine.from_pretrained("gpt2-xl", memories={"bio": "path/to/bio", "law": "path/to/law"})
         """
-        return cls(ModelPair.from_pretrained(base, memory, **load), max_batch=max_batch, max_queue=max_queue,
-                   prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs, max_context=max_context)
+        if (memory is None) == (memories is None):
+            raise ValueError("memory, memories: pass one memory, or memories={name: path, ...}")
+        pair = ModelPair.from_pretrained(base, memory, **load) if memories is None else ModelPair.share_base(
+            base, memories, **load)
+        return cls(pair, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                   cuda_graphs=cuda_graphs, max_context=max_context)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -234,9 +263,12 @@ class Engine:
             requests.check_prompt_length(len(ids), s["max_new_tokens"], self.max_context)
         except ValueError as err:
             raise InvalidArgument("prompt", str(err).removeprefix("prompt ")) from None
-        pair = self.pair
-        values = {"lmbda": pair.lmbda if s["lmbda"] is None else s["lmbda"], "knn_temp": pair.knn_temp,
-                  "base_temp": pair.base_temp, **{k: s[k] for k in ("temperature", "top_k", "top_p", "min_p")}}
+        memory, pair = self._memory(s["memory"])
+        if pair is None and s["lmbda"] not in (None, 0, 0.0):
+            raise InvalidArgument("lmbda", f"the base alone (no memory) takes no lmbda, got {s['lmbda']!r}")
+        values = {"lmbda": 0.0 if pair is None else pair.lmbda if s["lmbda"] is None else s["lmbda"],
+                  "knn_temp": 1.0 if pair is None else pair.knn_temp, "base_temp": self.pair.base_temp,
+                  **{k: s[k] for k in ("temperature", "top_k", "top_p", "min_p")}}
         params = {}
         for name, value in values.items():
             with _blame(name):
@@ -253,7 +285,22 @@ class Engine:
         streaming = isinstance(sink, StreamChannel)
         ending = Ending(s["max_new_tokens"], frozenset(stop_ids), tuple(stop_strings), self._eos,
                         streaming or bool(stop_strings))
-        return Request(rid, ids, params, rng, ending, streaming, sink)
+        return Request(rid, ids, params, rng, ending, streaming, sink, memory=memory)
+
+    def _memory(self, name) -> tuple[int, ModelPair | None]:
+        """A request's memory: (its index in the step, -1 for the base alone; its pair, None for the base alone)."""
+        if name == DEFAULT_MEMORY:
+            return (-1, None) if self.memories else (0, self.pair)
+        if name is None:
+            return -1, None
+        if name in self.memories:
+            return list(self.memories).index(name), self.memories[name]
+        if not self.memories:
+            raise InvalidArgument("memory", f"unknown memory {name!r}; this engine has one unnamed memory: omit "
+                                            "memory to use it, or pass None for the base alone")
+        served = ", ".join(repr(n) for n in self.memories)
+        raise InvalidArgument("memory", f"unknown memory {name!r}; this engine serves the memories {served}, "
+                                        "or None for the base alone")
 
     def _encoder(self):
         """This thread's copy of the tokenizer, for encoding requests: a long prompt encodes in its caller's
@@ -285,7 +332,10 @@ class Engine:
         temperature, top_k, top_p, min_p : HF-style sampling of the mixture; temperature 0 (default) is greedy
         seed : int, optional; the same seed gives the same tokens as JointGenerator.generate alone
         stop : token id, string, or a list of them
-        lmbda : float, optional; default the pair's
+        lmbda : float, optional; default the memory's
+        memory : str or None, optional
+            The named memory to mix with, or None for the base alone; default the memory of an
+            engine of one unnamed pair, else the base alone.
         request_id : str, optional; default "req-<n>"
 
         Returns
@@ -369,6 +419,7 @@ class Engine:
             for req in admitted:
                 try:
                     self._step.set_params(req.slot, req.params)
+                    self._step.set_memory(req.slot, req.memory)
                 except Exception as err:  # noqa: BLE001 - the request's own values: it fails alone
                     self._fail(req, self._failure(req, err))
             self._iteration()
@@ -487,5 +538,6 @@ class Engine:
         if req.slot is not None:
             upto = None if written is None else req.position + 1 if written == -1 else written
             self._step.clear_slot(req.slot, upto)
+            self._step.set_memory(req.slot, -1)  # a free slot in a step's rows runs no memory
         with self._sched.cond:
             self._sched.release(req)

@@ -48,6 +48,7 @@ class Request:
     sent_text: int = 0  # characters already streamed
     sent_tokens: int = 0  # tokens already streamed
     cancelled: bool = False
+    memory: int = 0  # index of its memory in the engine's step (ModelStep.pairs), -1 for the base alone
 
     @property
     def decoding(self) -> bool:

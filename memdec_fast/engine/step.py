@@ -19,12 +19,25 @@ table), so on CUDA the step of each (Bk, L) is captured once as a CUDA graph and
 else, or when capture fails, the very same function runs eagerly (one log line says why). Rows share
 one batched sampler call inside the step; a row that must draw from its own generator (a seeded request)
 is sampled again from the step's logits, outside the graph, by the caller.
+
+Several memories over one base (a ModelStep of several pairs sharing one base runner): each slot
+uses one memory, or none (the base alone). The base runs once over all rows; each Memory Decoder
+runs over the rows that use it, gathered by index; an MLP Memory reads its rows' hidden states.
+Their logits land in one [B, V] tensor (index_copy; a base-alone row keeps the base's logits there,
+which its lmbda 0 ignores), and the one sampler call reads each row's parameters from the table.
+A slot uses one memory at a time, so Memory Decoders of one cache shape share one set of slot
+caches (all max_batch slots): the caches are those of one pair per decoder shape, however many
+memories there are (a request overwrites each position before reading it, and release zeroes what
+the slot's last request wrote, whichever memory wrote it). Such a step runs eagerly: its row sets
+change from step to step, and a graph would have to be captured per set (one log line says so). A
+step of one pair is exactly the single-memory step.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -58,8 +71,12 @@ def length_bucket(length: int, context: int) -> int:
     return min(max(1 << (length - 1).bit_length(), MIN_LENGTH), context)
 
 
-def graph_reason(pair: ModelPair) -> str | None:
-    """Why the pair's decode step cannot run as a CUDA graph, or None when it can. Touches no device."""
+def graph_reason(pair: ModelPair, memories: int = 1) -> str | None:
+    """Why the pair's decode step (over `memories` pairs sharing its base) cannot run as a CUDA graph, or None
+    when it can. Touches no device."""
+    if memories > 1:
+        return (f"{memories} memories share the base: each step gathers each memory's rows by index, and those "
+                "row sets change from step to step")
     if pair.device.type != "cuda":
         return f"the models are on {pair.device.type}, not CUDA"
     if pair.reference:
@@ -69,10 +86,11 @@ def graph_reason(pair: ModelPair) -> str | None:
     return None
 
 
-def cache_bytes(pair: ModelPair, slots: int, length: int) -> int:
-    """Bytes of the pair's slot caches: per lean runner and block, k and v [slots, Hkv, length, Dh]."""
+def cache_bytes(pair: ModelPair | list, slots: int, length: int) -> int:
+    """Bytes of the pair's slot caches (or those of a list of lean runners): per runner and block, k and v
+    [slots, Hkv, length, Dh]."""
     total = 0
-    for r in pair.runners():
+    for r in pair if isinstance(pair, list) else pair.runners():
         model = r.model
         elements = math.prod(model.kv_shape(slots, length))
         total += 2 * len(model.attention_blocks()) * elements * next(model.parameters()).element_size()
@@ -90,13 +108,15 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
-def check_cache_fits(pair: ModelPair, slots: int, length: int) -> None:
+def check_cache_fits(pair: ModelPair | list, slots: int, length: int, device: torch.device | None = None) -> None:
     """ValueError naming the sizes when the caches would not fit in memory: refuse before the allocator (or the
-    OOM killer, which may pick another process) decides."""
-    need, free = cache_bytes(pair, slots, length), available_bytes(pair.device)
+    OOM killer, which may pick another process) decides. `pair` as in :func:`cache_bytes` (a list needs
+    `device`)."""
+    device = device or pair.device
+    need, free = cache_bytes(pair, slots, length), available_bytes(device)
     if need > free:
         raise ValueError(f"the KV caches of {slots} slots x {length} positions need {need / 2**30:.1f} GiB, but "
-                         f"{free / 2**30:.1f} GiB are available on {pair.device}: lower --max-batch or --max-context")
+                         f"{free / 2**30:.1f} GiB are available on {device}: lower --max-batch or --max-context")
 
 
 class ModelStep:
@@ -104,7 +124,8 @@ class ModelStep:
 
     Parameters
     ----------
-    pair : ModelPair on memdec_fast's lean models (``pair.lean``)
+    pair : ModelPair on memdec_fast's lean models (``pair.lean``), or {name: ModelPair} sharing one base runner
+        (several memories: see the module's docstring; :meth:`set_memory` says which one a slot uses)
     context : int, positions per row (the caches hold one more slot: scratch for prefill padding)
     max_batch : int, cache rows
     cuda_graphs : bool, capture decode steps on CUDA (ignored elsewhere)
@@ -116,7 +137,11 @@ class ModelStep:
     >>> logits, tokens, logprobs = step.decode([11, 12], [2, 1])  # rows 0 and 1, at their next positions
     """
 
-    def __init__(self, pair: ModelPair, context: int, max_batch: int, cuda_graphs: bool = True):
+    def __init__(self, pair: ModelPair | Mapping[str, ModelPair], context: int, max_batch: int,
+                 cuda_graphs: bool = True):
+        named = dict(pair) if isinstance(pair, Mapping) else {"memory": pair}
+        self.pairs = list(named.values())
+        pair = self.pairs[0]
         if not pair.lean:
             arch = getattr(pair.base.model.config, "model_type", None) or type(pair.base.model).__name__
             raise ValueError(f"Engine: the base is a {arch!r} model running in transformers; the engine's slot caches "
@@ -125,8 +150,21 @@ class ModelStep:
         self.device = pair.device
         self.reference = pair.reference or not ops.compiled_available()
         self.on_device_rng = self.device.type == "cuda" and not self.reference
-        check_cache_fits(pair, max_batch, context + 1)
-        self.caches = pair.new_slot_caches(max_batch, context + 1)  # slot `context`: scratch
+        self.multi = len(self.pairs) > 1
+        if self.multi:
+            _check_shared_base(named)
+            # the base, then one runner per Memory Decoder cache shape: decoders of one shape share their caches
+            shapes = {_cache_shape(p.memory): p.memory for p in self.pairs if not p.is_mlp}
+            runners = [pair.base, *shapes.values()]
+            check_cache_fits(runners, max_batch, context + 1, self.device)
+            self.caches = [r.new_slot_caches(max_batch, context + 1) for r in runners]
+            by_shape = dict(zip(shapes, self.caches[1:]))
+            self.memory_caches = [None if p.is_mlp else by_shape[_cache_shape(p.memory)] for p in self.pairs]
+        else:
+            check_cache_fits(pair, max_batch, context + 1)
+            self.caches = pair.new_slot_caches(max_batch, context + 1)  # slot `context`: scratch
+        self.slot_memory = [-1 if self.multi else 0] * max_batch
+        """Per slot, the index in :attr:`pairs` of the memory it uses, or -1 for the base alone (several memories)."""
         self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] fed tokens
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=self.device)  # [max_batch] their positions
         self.table = ops.pack_row_params(max_batch, self.device)  # [max_batch, 7] sampling parameters per slot
@@ -134,7 +172,7 @@ class ModelStep:
         self.out_logprobs = torch.zeros(max_batch, dtype=torch.float32, device=self.device)  # [max_batch]
         self.rng = torch.Generator(self.device if self.on_device_rng else "cpu")
         self.rng.seed()
-        reason = graph_reason(pair)
+        reason = graph_reason(pair, len(self.pairs))
         self.replay = cuda_graphs and reason is None
         if cuda_graphs and reason is not None:
             level = logging.WARNING if self.device.type == "cuda" else logging.INFO
@@ -158,6 +196,13 @@ class ModelStep:
     def set_params(self, first: int, params: dict[str, Param], rows: int = 1) -> None:
         """Write the sampling parameters of slots [first, first + rows): scalars, or tensors [rows]."""
         self.table[first : first + rows].copy_(ops.pack_row_params(rows, self.device, **params))
+
+    def set_memory(self, slot: int, memory: int) -> None:
+        """The memory `slot` uses from now on: an index in :attr:`pairs`, or -1 for the base alone. A step of one
+        pair ignores it (its rows' lmbda says how much of the memory they take)."""
+        if not -1 <= memory < len(self.pairs):
+            raise ValueError(f"memory: expected -1 <= memory < {len(self.pairs)}, got {memory}")
+        self.slot_memory[slot] = memory
 
     @torch.inference_mode()
     def clear_slot(self, slot: int, upto: int | None = None) -> None:
@@ -209,14 +254,14 @@ class ModelStep:
         last = torch.tensor([len(t) - 1 for _, t, _ in chunks])  # [B]
         length = max(start + len(t) for _, t, start in chunks)
         ids, pos, slots, rows, last = (x.to(self.device) for x in (ids, pos, slots, rows, last))
-        return self.pair.slot_forward(self.caches, ids, pos, rows, length, slots, last)
+        return self._forward(ids, pos, rows, length, slots, last, [slot for slot, _, _ in chunks])
 
     # -- decode -----------------------------------------------------------------------------------
 
     def _decode_body(self, rows: int, length: int) -> Logits:
         """The captured step: rows' tokens at their positions -> logits and samples in the static buffers."""
-        logits = self.pair.slot_forward(self.caches, self.tokens[:rows, None], self.positions[:rows, None],
-                                        slice(0, rows), length)
+        logits = self._forward(self.tokens[:rows, None], self.positions[:rows, None], slice(0, rows), length,
+                               slot_ids=range(rows))
         tokens, logprobs = self._sample_table(*logits, self.table[:rows])
         self.out_tokens[:rows].copy_(tokens)
         self.out_logprobs[:rows].copy_(logprobs)
@@ -244,8 +289,35 @@ class ModelStep:
         get in a batched step. The engine's fallback when a batched step fails, to find the failing row."""
         ids = torch.tensor([[token]], device=self.device)  # [1, 1]
         pos = torch.tensor([[position]], device=self.device)  # [1, 1]
-        return self.sample_one(self.pair.slot_forward(self.caches, ids, pos, slice(slot, slot + 1), position + 1),
+        return self.sample_one(self._forward(ids, pos, slice(slot, slot + 1), position + 1, slot_ids=[slot]),
                                params, rng)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice | torch.Tensor, length: int,
+                 slots: torch.Tensor | None = None, last: torch.Tensor | None = None,
+                 slot_ids: list[int] | range = ()) -> Logits:
+        """The models over cache rows `rows` (see :meth:`ModelPair.slot_forward`): two [B, V]. slot_ids: the slot
+        of each row on the host, read by a step of several memories to group the rows by memory."""
+        if not self.multi:
+            return self.pair.slot_forward(self.caches, tokens, positions, rows, length, slots, last)
+        pair = self.pair
+        base_logits, hidden = pair.base.slot_forward(tokens, positions, self.caches[0], rows, length, slots, last)
+        base_logits = base_logits[..., : pair.vocab]  # [B, V]
+        mem_logits = base_logits.clone()  # [B, V]; base-alone rows keep finite logits, which lmbda 0 ignores
+        groups: dict[int, list[int]] = {}
+        for i, slot in enumerate(slot_ids):
+            groups.setdefault(self.slot_memory[slot], []).append(i)
+        cache_rows = torch.arange(rows.start, rows.stop, device=self.device) if isinstance(rows, slice) else rows
+        for m, members in sorted(groups.items()):
+            if m < 0:
+                continue
+            p, idx = self.pairs[m], torch.tensor(members, device=self.device)  # idx [B_m]
+            if p.is_mlp:
+                out = p.memory(hidden.index_select(0, idx))
+            else:
+                out = p.memory.slot_forward(tokens[idx], positions[idx], self.memory_caches[m], cache_rows[idx], length,
+                                            None if slots is None else slots[idx], None if last is None else last[idx])[0]
+            mem_logits.index_copy_(0, idx, out[..., : pair.vocab].to(mem_logits.dtype))
+        return base_logits, mem_logits
 
     def _run(self, rows: int, length: int) -> Logits:
         if not self.replay:
@@ -285,3 +357,30 @@ class ModelStep:
             logger.warning("memdec_fast: CUDA-graph capture failed, decoding eagerly from now on: %s", err)
             return
         self.graphs[rows, length] = (graph, logits)
+
+
+def _check_shared_base(named: Mapping[str, ModelPair]) -> None:
+    """Pairs of one step must hold the very same base runner, and their MLP Memories read one base layer (a base
+    forward taps one hidden state); the base then returns that layer's hidden state for all of them."""
+    pairs = list(named.values())
+    base = pairs[0].base
+    taps = set()
+    for name, p in named.items():
+        if p.base is not base:
+            raise ValueError(f"memory {name!r}: its base is another model than the first memory's; memories over "
+                             "one base must share its runner (ModelPair.share_base loads them so)")
+        if p.reference != pairs[0].reference:
+            raise ValueError(f"memory {name!r}: reference={p.reference}, but the first memory has "
+                             f"reference={pairs[0].reference}")
+        if p.is_mlp:
+            taps.add(p.memory.layer_position % base.num_layers)
+            if len(taps) > 1:
+                raise ValueError(f"memory {name!r}: its MLP Memory reads base block {p.memory.layer_position}, another "
+                                 "MLP Memory of this step another block; MLP Memories over one base must read one block")
+    base.hidden_layer = next(iter(taps)) if taps else None
+
+
+def _cache_shape(runner) -> tuple:
+    """What a lean runner's slot caches look like: runners with equal ones can share them."""
+    model = runner.model
+    return (len(model.attention_blocks()), model.kv_shape(1, 1), next(model.parameters()).dtype, runner.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from memdec_fast.models import checkpoint, detect_memory_type
 
@@ -91,3 +92,21 @@ def check_hidden_size(input_dim: int, hidden_size: int) -> None:
         raise ValueError(
             f"MLP Memory: it reads hidden states of size {input_dim}, but the base's hidden size is {hidden_size}"
         )
+
+
+MEMORY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A memory's name: it becomes part of a URL-safe model id ("<served>:<name>"), so letters, digits, '_', '.', '-'."""
+
+
+def check_memory_names(names: list[str]) -> None:
+    """Memory names must be unique, URL-safe (:data:`MEMORY_NAME`) and not "base"; the message names the memory."""
+    seen: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not MEMORY_NAME.fullmatch(name):
+            raise ValueError(f"memory {name!r}: a memory name takes 1-64 letters, digits, '_', '.' or '-', "
+                             "starting with a letter or digit")
+        if name == "base":
+            raise ValueError("memory 'base': the name is reserved for the base alone (the server's metrics label)")
+        if name in seen:
+            raise ValueError(f"memory {name!r}: the name is given twice; memory names must be unique")
+        seen.add(name)

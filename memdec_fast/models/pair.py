@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -136,11 +136,59 @@ class ModelPair:
                                "%s: %s", os.fspath(path), reason)
                 lean = False
         base_runner = load_causal_lm(base, device, dtype, lean=lean)
-        if memory_type == "mlp":
-            mem = MLPMemory.from_pretrained(memory, device=device, dtype=dtype)
-        else:
-            mem = load_causal_lm(memory, device, dtype, lean=lean)
+        mem = _load_memory(memory, memory_type, device, dtype, lean)
         return cls(base_runner, mem, tokenizer, lmbda, knn_temp, base_temp, reference)
+
+    @classmethod
+    def share_base(
+        cls, base: str | os.PathLike, memories: Mapping[str, str | os.PathLike | Mapping], memory_type: str = "auto",
+        lmbda: float | None = None, knn_temp: float | None = None, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None, tokenizer=None, base_temp: float = 1.0,
+    ) -> dict[str, ModelPair]:
+        """Load one base and several memories: {name: ModelPair}, every pair holding the same base runner.
+
+        Everything is checked before any weights load, and each failure is one ValueError line naming the
+        memory: the names (unique, URL-safe: :func:`memdec_fast.models.checks.check_memory_names`), each
+        memory's files, tokenizer and type; the vocabularies are checked as each pair is built.
+        All models run on memdec_fast's lean models (the engine's slot caches).
+
+        Parameters
+        ----------
+        base : str or PathLike
+        memories : {name: path}, or {name: {"path": ..., "memory_type": ..., "lmbda": ..., "knn_temp": ...}}
+            A memory's own settings override memory_type, lmbda and knn_temp below.
+        memory_type, lmbda, knn_temp, device, dtype, tokenizer, base_temp :
+            As in :meth:`from_pretrained`; lmbda and knn_temp default to each memory's stored values.
+
+        Example
+        -------
+        >>> pairs = ModelPair.share_base("gpt2-xl", {"bio": "path/to/bio", "law": {"path": "path/to/law", "lmbda": 0.3}})
+        >>> pairs["bio"].base is pairs["law"].base
+        True
+        """
+        checks.check_memory_names(list(memories))
+        if not memories:
+            raise ValueError("memories: expected at least one memory")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+        checkpoint.check_config_against_weights(base)
+        reason = lean_reason(base)
+        if reason is not None:
+            raise ValueError(f"base {os.fspath(base)}: several memories run on memdec_fast's lean models only: {reason}")
+        tokenizer = tokenizer or checks.load_tokenizer(base)
+        specs = {name: _memory_spec(name, spec, tokenizer, memory_type, lmbda, knn_temp, base_temp)
+                 for name, spec in memories.items()}
+        base_runner = load_causal_lm(base, device, dtype, lean=True)
+        pairs = {}
+        for name, (path, kind, lm, kt) in specs.items():
+            mem = _load_memory(path, kind, device, dtype, lean=True)
+            try:
+                pairs[name] = cls(base_runner, mem, tokenizer, lm, kt, base_temp)
+            except ValueError as err:
+                raise ValueError(f"memory {name!r}: {err}") from None
+        return pairs
 
     def run_both(self, base_pass: Callable[[], tuple], mem_pass: Callable[[], tuple] | None) -> Logits:
         """Run one pass of each model and cut their logits to the vocabulary: the one place both models run.
@@ -208,3 +256,37 @@ class ModelPair:
         self._side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._side):
             self.memory.keep_rows(rows)
+
+
+def _load_memory(path: str | os.PathLike, memory_type: str, device: torch.device, dtype: torch.dtype, lean: bool):
+    """An MLPMemory (memory_type "mlp") or a Memory Decoder's runner."""
+    if memory_type == "mlp":
+        return MLPMemory.from_pretrained(path, device=device, dtype=dtype)
+    return load_causal_lm(path, device, dtype, lean=lean)
+
+
+MEMORY_SPEC_KEYS = ("path", "memory_type", "lmbda", "knn_temp")
+
+
+def _memory_spec(name: str, spec, tokenizer, memory_type: str, lmbda: float | None, knn_temp: float | None,
+                 base_temp: float) -> tuple[str | os.PathLike, str, float, float]:
+    """(path, "decoder" or "mlp", lmbda, knn_temp) of one named memory, checked without loading its weights;
+    a failure is a ValueError naming the memory."""
+    spec = dict(spec) if isinstance(spec, Mapping) else {"path": spec}
+    try:
+        unknown = sorted(set(spec) - set(MEMORY_SPEC_KEYS))
+        if unknown or "path" not in spec:
+            raise ValueError(f"expected a path, or a dict with the keys {MEMORY_SPEC_KEYS} ('path' required), "
+                             f"got the keys {sorted(spec)}")
+        path = spec["path"]
+        lm, kt = checkpoint.mixing_defaults(path, spec.get("lmbda", lmbda), spec.get("knn_temp", knn_temp))
+        check_params(1, lmbda=lm, knn_temp=kt, base_temp=base_temp)
+        checkpoint.check_config_against_weights(path)
+        checks.check_tokenizers(tokenizer, path)
+        kind = checks.resolve_memory_type(path, spec.get("memory_type", memory_type))
+        reason = lean_reason(path) if kind == "decoder" else None
+        if reason is not None:
+            raise ValueError(f"several memories run on memdec_fast's lean models only: {reason}")
+    except (ValueError, OSError) as err:  # the same type (FileNotFoundError stays one), one line naming the memory
+        raise type(err)(f"memory {name!r}: {' '.join(str(err).split())}") from None
+    return path, kind, lm, kt

@@ -32,7 +32,8 @@ def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | 
     Parameters
     ----------
     engine : memdec_fast.engine.Engine, or anything with its stream / tokenizer / num_waiting / num_running
-    model_name : str, the `model` clients must send
+    model_name : str, the `model` clients must send; with an engine of named memories, the id of the base
+        alone, and ``<model_name>:<memory>`` picks a memory (see :func:`.serving.served_models`)
     metrics : ServerMetrics, default one reading the engine's queue and batch gauges
     max_body_bytes : int, the largest request body (413 beyond)
 
@@ -54,7 +55,7 @@ def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | 
         """Every refused or failed completion request is counted here, once."""
         if raw.url.path == "/v1/completions" and not err.counted:
             err.counted = True
-            serving.metrics.request_done(outcome_of(err))
+            serving.metrics.request_done(outcome_of(err), memory=err.memory)
         return _api_error_response(err)
 
     @app.exception_handler(ApiError)
@@ -84,7 +85,8 @@ def build_app(engine, model_name: str = "memdec-fast", metrics: ServerMetrics | 
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, max_model_len=getattr(engine, "max_context", None))])
+        return ModelList(data=[ModelCard(id=m, max_model_len=getattr(engine, "max_context", None))
+                               for m in serving.models])
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -1,6 +1,6 @@
 """``memdec-fast serve``: the OpenAI-compatible HTTP server over the continuous-batching engine.
 
-    memdec-fast serve [--base B --memory M] [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--max-queue 256]
+    memdec-fast serve [--base B --memory M | --memory NAME=M ...] [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--max-queue 256]
 
 Arguments are checked, and the port bound, before any model loads. SIGTERM or
 Ctrl-C drains: new requests get 503, the requests in flight finish within
@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 
-from memdec_fast.cli.args import KNN_TEMP_HELP, LMBDA_HELP, common_flags, pair_paths, resolve_device
+from memdec_fast.cli.args import KNN_TEMP_HELP, LMBDA_HELP, common_flags, memory_flags, resolve_device
 from memdec_fast.server import MAX_BODY_BYTES
 
 __all__ = ["cmd_serve", "register"]
@@ -32,7 +32,9 @@ def register(subparsers) -> None:
                                           "Needs the serve extra: pip install 'memdec_fast[serve]'.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one")
-    p.add_argument("--served-model-name", type=_name, default="memdec-fast", help="the `model` clients send")
+    p.add_argument("--served-model-name", type=_name, default="memdec-fast",
+                   help="the `model` clients send; with --memory NAME=PATH, the base alone, and "
+                        "'<served-model-name>:NAME' picks a memory")
     p.add_argument("--lmbda", type=float, help=LMBDA_HELP + "; a request may send its own")
     p.add_argument("--knn-temp", type=float, help=KNN_TEMP_HELP)
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
@@ -85,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         raise ValueError(f"serve needs {err.name}: pip install 'memdec_fast[serve]'") from None
 
-    base, memory = pair_paths(args)
+    base, memory = memory_flags(args)
     device = resolve_device(args.device)
     sock = _bind(args.host, args.port)
     try:
@@ -157,7 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_engine(args: argparse.Namespace, base: str, memory: str, device):
+def _load_engine(args: argparse.Namespace, base: str, memory: str | dict[str, str], device):
+    """One memory (a path), or several over one base ({name: path}: each its own model id)."""
     import torch
 
     from memdec_fast.engine import Engine
@@ -165,7 +168,8 @@ def _load_engine(args: argparse.Namespace, base: str, memory: str, device):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     extra = {k: v for k, v in (("prefill_chunk", args.prefill_chunk), ("max_context", args.max_context))
              if v is not None}
-    return Engine.from_pretrained(base, memory, memory_type=args.memory_type, lmbda=args.lmbda,
+    memories = {"memories": memory} if isinstance(memory, dict) else {"memory": memory}
+    return Engine.from_pretrained(base, **memories, memory_type=args.memory_type, lmbda=args.lmbda,
                                   knn_temp=args.knn_temp, device=device, dtype=dtype, max_batch=args.max_batch,
                                   max_queue=args.max_queue, **extra)
 

@@ -44,6 +44,7 @@ class ApiError(Exception):
         self.status = status
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
         self.counted = False  # set once the request's outcome is in the metrics
+        self.memory = ""  # the metrics' memory label, once the request's model is known
 
     def body(self) -> dict:
         return ErrorResponse(error=self.info).model_dump()
@@ -106,13 +107,32 @@ class _Choice(Row):
     offset: int = 0  # text_offset of the next token
 
 
+def served_models(engine, model_name: str) -> dict[str, tuple[dict, str]]:
+    """The model ids a server answers to: {id: (the engine's `memory` argument, the metrics' memory label)}.
+
+    An engine of one unnamed memory serves `model_name` alone (the pair, as always). An engine of named
+    memories serves `model_name` for the base alone and ``<model_name>:<memory>`` for each memory.
+
+    Example
+    -------
+    >>> list(served_models(engine, "memdec-fast"))  # Engine.from_pretrained(base, memories={"bio": ..., "law": ...})
+    ['memdec-fast', 'memdec-fast:bio', 'memdec-fast:law']
+    """
+    names = list(getattr(engine, "memories", None) or ())
+    if not names:
+        return {model_name: ({}, "default")}
+    return {model_name: ({"memory": None}, "base")} | {f"{model_name}:{n}": ({"memory": n}, n) for n in names}
+
+
 class CompletionServing:
     """The /v1/completions logic over an engine (see :mod:`memdec_fast.engine`).
 
     Parameters
     ----------
-    engine : has stream(prompt, **sampling), tokenizer, num_waiting, num_running, max_context
-    model_name : the name clients must send as `model`
+    engine : has stream(prompt, **sampling), tokenizer, num_waiting, num_running, max_context, and
+        optionally memories ({name: ...}: the named memories, each served as its own model id; see
+        :func:`served_models`)
+    model_name : the name clients must send as `model` (for the base alone, when the engine has named memories)
     metrics : ServerMetrics, default a new one reading the engine's gauges
 
     Example
@@ -124,7 +144,9 @@ class CompletionServing:
     def __init__(self, engine, model_name: str, metrics: ServerMetrics | None = None):
         self.engine = engine
         self.model_name = model_name
-        self.metrics = metrics or ServerMetrics(lambda: {"waiting": engine.num_waiting, "running": engine.num_running})
+        self.models = served_models(engine, model_name)
+        self.metrics = metrics or ServerMetrics(lambda: {"waiting": engine.num_waiting, "running": engine.num_running},
+                                                [label for _, label in self.models.values()])
         self._pumps: set[asyncio.Task] = set()
 
     async def create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
@@ -135,23 +157,29 @@ class CompletionServing:
         a non-streamed response).
         """
         t0 = time.perf_counter()
-        if req.model != self.model_name:
-            raise ApiError(404, f"model: {req.model!r} is not served here; this server serves {self.model_name!r}",
+        if req.model not in self.models:
+            served = ", ".join(repr(m) for m in self.models)
+            raise ApiError(404, f"model: {req.model!r} is not served here; this server serves {served}",
                            "invalid_request_error", "model", "model_not_found")
+        memory, label = self.models[req.model]
         cid = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self._open(req, cid)  # may raise ApiError; nothing is left running then
+        try:
+            streams = await self._open(req, cid, memory, label)  # may raise ApiError; nothing is left running then
+        except ApiError as err:
+            err.memory = label
+            raise
         if req.stream:
             # the pumps start with the body: a body never sent drops the streams, and the engine cancels them
-            return self._sse(req, cid, streams, t0)
-        return await self._collect(req, cid, streams, t0)
+            return self._sse(req, cid, streams, t0, label)
+        return await self._collect(req, cid, streams, t0, label)
 
-    def _start(self, streams: list, t0: float) -> tuple[list[asyncio.Task], asyncio.Queue]:
+    def _start(self, streams: list, t0: float, label: str) -> tuple[list[asyncio.Task], asyncio.Queue]:
         queue: asyncio.Queue = asyncio.Queue()
-        return [self._spawn(self._pump(i, s, t0, queue)) for i, s in enumerate(streams)], queue
+        return [self._spawn(self._pump(i, s, t0, queue, label)) for i, s in enumerate(streams)], queue
 
     # -- engine side ----------------------------------------------------------------------------
 
-    async def _open(self, req: CompletionRequest, cid: str) -> list:
+    async def _open(self, req: CompletionRequest, cid: str, memory: dict, label: str) -> list:
         """One engine stream per prompt. Prompts are checked and tokenised in a worker thread: a long one
         delays neither the event loop nor anyone else's request."""
         prompts, sampling = req.prompts(), req.sampling()
@@ -164,7 +192,7 @@ class CompletionServing:
         def open_all() -> None:
             for i, prompt in enumerate(prompts):
                 try:
-                    streams.append(self.engine.stream(prompt, request_id=f"{cid}-{i}", **sampling))
+                    streams.append(self.engine.stream(prompt, request_id=f"{cid}-{i}", **sampling, **memory))
                 except Exception as err:  # noqa: BLE001 (api_error maps it; unknown ones become a 500 and a log line)
                     raise api_error(err, i if len(prompts) > 1 else None) from None
 
@@ -173,7 +201,7 @@ class CompletionServing:
         except BaseException:
             for s in streams:
                 self._spawn(_aclose(s))
-                self.metrics.request_done("cancelled")
+                self.metrics.request_done("cancelled", memory=label)
             raise
         return streams
 
@@ -183,7 +211,8 @@ class CompletionServing:
         task.add_done_callback(self._pumps.discard)
         return task
 
-    async def _pump(self, index: int, stream: AsyncIterator[StreamDelta], t0: float, queue: asyncio.Queue) -> None:
+    async def _pump(self, index: int, stream: AsyncIterator[StreamDelta], t0: float, queue: asyncio.Queue,
+                    label: str) -> None:
         """Move one engine stream's deltas to `queue` as (index, delta); then (index, None) or (index, error).
 
         Records the request's metrics. Cancelling this task cancels the engine
@@ -196,9 +225,9 @@ class CompletionServing:
                 prompt_tokens = delta.prompt_tokens or prompt_tokens
                 if delta.token_ids:
                     if last is None:
-                        self.metrics.first_token(now - t0)
+                        self.metrics.first_token(now - t0, label)
                     else:
-                        self.metrics.between_tokens(now - last, len(delta.token_ids))
+                        self.metrics.between_tokens(now - last, len(delta.token_ids), label)
                     last, tokens = now, tokens + len(delta.token_ids)
                 if delta.finish_reason is not None:
                     outcome = "success"
@@ -212,7 +241,7 @@ class CompletionServing:
         finally:
             await _aclose(stream)
             e2e = time.perf_counter() - t0 if outcome == "success" else None
-            self.metrics.request_done(outcome, prompt_tokens, tokens, e2e)
+            self.metrics.request_done(outcome, prompt_tokens, tokens, e2e, label)
 
     # -- HTTP side ------------------------------------------------------------------------------
 
@@ -238,8 +267,9 @@ class CompletionServing:
             choice.offset += len(piece)
         return lp
 
-    async def _collect(self, req: CompletionRequest, cid: str, streams: list, t0: float) -> CompletionResponse:
-        tasks, queue = self._start(streams, t0)
+    async def _collect(self, req: CompletionRequest, cid: str, streams: list, t0: float,
+                       label: str) -> CompletionResponse:
+        tasks, queue = self._start(streams, t0, label)
         choices = [_Choice() for _ in tasks]
         lps: list[list[Logprobs]] = [[] for _ in tasks]
         pending = len(tasks)
@@ -270,17 +300,18 @@ class CompletionServing:
                     logprobs.text_offset += lp.text_offset
             out.append(CompletionChoice(index=i, text=c.text, logprobs=logprobs,
                                         finish_reason=c.finish_reason))
-        return CompletionResponse(id=cid, model=self.model_name, choices=out, usage=_usage(choices))
+        return CompletionResponse(id=cid, model=req.model, choices=out, usage=_usage(choices))
 
-    async def _sse(self, req: CompletionRequest, cid: str, streams: list, t0: float) -> AsyncIterator[str]:
-        tasks, queue = self._start(streams, t0)
+    async def _sse(self, req: CompletionRequest, cid: str, streams: list, t0: float,
+                   label: str) -> AsyncIterator[str]:
+        tasks, queue = self._start(streams, t0, label)
         del streams  # the pumps own them now
         choices = [_Choice() for _ in tasks]
         created = int(time.time())
         pending = len(tasks)
 
         def event(choice_list: list[CompletionChoice], usage: Usage | None = None) -> str:
-            chunk = CompletionResponse(id=cid, created=created, model=self.model_name, choices=choice_list,
+            chunk = CompletionResponse(id=cid, created=created, model=req.model, choices=choice_list,
                                        usage=usage)
             return f"data: {chunk.model_dump_json(exclude=None if usage else {'usage'})}\n\n"
 
