@@ -122,8 +122,6 @@ class Engine:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
         if isinstance(pair, Mapping):
             checks.check_memory_names(list(pair))
-            if not pair:
-                raise ValueError("memories: expected at least one memory")
             self.memories = dict(pair)
             step_pairs = self.memories
             pair = next(iter(self.memories.values()))

@@ -99,7 +99,10 @@ MEMORY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def check_memory_names(names: list[str]) -> None:
-    """Memory names must be unique, URL-safe (:data:`MEMORY_NAME`) and not "base"; the message names the memory."""
+    """At least one name; memory names must be unique, URL-safe (:data:`MEMORY_NAME`) and not "base"; the message
+    names the memory."""
+    if not names:
+        raise ValueError("memories: expected at least one memory")
     seen: set[str] = set()
     for name in names:
         if not isinstance(name, str) or not MEMORY_NAME.fullmatch(name):

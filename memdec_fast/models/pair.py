@@ -117,10 +117,7 @@ class ModelPair:
         >>> pair = ModelPair.from_pretrained("gpt2-xl", "path/to/mlp_memory", memory_type="mlp", lmbda=0.3)
         """
         checks.check_memory_type(memory_type)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+        device, dtype = _device_dtype(device, dtype)
         lmbda, knn_temp = checkpoint.mixing_defaults(memory, lmbda, knn_temp)
         check_params(1, lmbda=lmbda, knn_temp=knn_temp, base_temp=base_temp)
         for path in (base, memory):  # fail on missing, mismatched or hostile files before any weights load
@@ -167,12 +164,7 @@ class ModelPair:
         True
         """
         checks.check_memory_names(list(memories))
-        if not memories:
-            raise ValueError("memories: expected at least one memory")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+        device, dtype = _device_dtype(device, dtype)
         checkpoint.check_config_against_weights(base)
         reason = lean_reason(base)
         if reason is not None:
@@ -256,6 +248,16 @@ class ModelPair:
         self._side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._side):
             self.memory.keep_rows(rows)
+
+
+def _device_dtype(device: torch.device | str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """The device (default CUDA when available, else the CPU) and dtype (default bfloat16 on CUDA, float32 on the
+    CPU) to load on; ValueError for a dtype other than :data:`DTYPES`."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+    return device, dtype
 
 
 def _load_memory(path: str | os.PathLike, memory_type: str, device: torch.device, dtype: torch.dtype, lean: bool):
