@@ -17,6 +17,7 @@ from torch import nn
 
 from memdec_fast.models import checkpoint
 from memdec_fast.models.cache import CachedDecoder, SlotCache, keep_positions, write_rows
+from memdec_fast.models.linear import Linear, linear
 
 
 @dataclass
@@ -54,8 +55,8 @@ class Attention(nn.Module):
         super().__init__()
         d = config.n_embd
         self.n_head, self.head_dim = config.n_head, d // config.n_head
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.c_proj = nn.Linear(d, d)
+        self.c_attn = Linear(d, 3 * d)
+        self.c_proj = Linear(d, d)
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer + 1
@@ -78,11 +79,14 @@ class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner)
-        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, inner)
+        self.c_proj = Linear(inner, config.n_embd)
         self.act = activation(config.activation_function)
+        self.gelu_tanh = config.activation_function == "gelu_new"  # fused into c_fc's GEMM (see models.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu_tanh:
+            return self.c_proj(linear(x, self.c_fc.weight, self.c_fc.bias, gelu_tanh=True))
         return self.c_proj(self.act(self.c_fc(x)))
 
 
@@ -111,7 +115,7 @@ class GPT2(CachedDecoder):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.n_embd, config.vocab_size, bias=False)
 
     def attention_blocks(self) -> nn.ModuleList:
         return self.h
@@ -171,7 +175,7 @@ class GPT2(CachedDecoder):
         x, hidden = keep_positions(x, hidden, last, tail)
         x = self.ln_f(x)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight), hidden
+        return linear(x, weight), hidden
 
     @classmethod
     def from_pretrained(

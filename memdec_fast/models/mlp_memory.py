@@ -18,6 +18,7 @@ from torch import nn
 
 from memdec_fast.models import checkpoint
 from memdec_fast.models.gpt2 import MLP, GPT2Config
+from memdec_fast.models.linear import Linear
 
 MLP_CONFIG = "mlp_memory_config.json"
 CONV1D_WEIGHTS = (".mlp.c_fc.weight", ".mlp.c_proj.weight")  # stored [in, out], as upstream's Conv1D holds them
@@ -45,10 +46,10 @@ class MLPMemory(nn.Module):
     def __init__(self, config: GPT2Config, input_dim: int | None = None, layer_position: int = -1):
         super().__init__()
         self.config, self.layer_position = config, layer_position
-        self.embedding_transform = None if input_dim is None else nn.Linear(input_dim, config.n_embd)
+        self.embedding_transform = None if input_dim is None else Linear(input_dim, config.n_embd)
         self.h = nn.ModuleList(MLPBlock(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
 
     @property
     def input_dim(self) -> int:
