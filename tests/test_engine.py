@@ -374,6 +374,26 @@ def test_long_prompt_prefills_in_chunks_while_a_stream_keeps_decoding(long_ckpts
     assert_equals_alone(outs[1], long_ref, long_prompt, max_new_tokens=6)
 
 
+def test_prefill_budget_comes_from_measured_steps_and_bounds_each_steps_prefill(long_ckpts, long_ref, tokenizer):
+    prompts = [tokenizer.encode(" ".join(PROMPTS[i:] + PROMPTS[:i]))[:30 + 3 * i] for i in range(4)]
+    with Engine(load(long_ckpts, "mlp"), max_batch=2, prefill_chunk=64) as engine:
+        running = engine.submit(PROMPTS[1], max_new_tokens=100)
+        wait_until(lambda: engine.stats["tokens"] >= 1)
+        first = len(engine.trace)
+        late = [engine.submit(p, max_new_tokens=4) for p in prompts]
+        outs = running.result(WAIT), *(f.result(WAIT) for f in late)
+        steps = list(engine.trace)[first:]
+        budget = engine._sched.budget
+    assert budget.token_seconds > 0 and budget.step_seconds > 0  # the engine fed both costs
+    for s in steps:
+        assert 16 <= s["budget"] <= 64 and sum(end - start for _, start, end in s["prefill"]) <= s["budget"]
+        if not s["decode"]:
+            assert s["budget"] == 64  # nothing to stall: the whole prefill_chunk
+    assert_equals_alone(outs[0], long_ref, PROMPTS[1], max_new_tokens=100)
+    for out, p in zip(outs[1:], prompts):
+        assert_equals_alone(out, long_ref, p, max_new_tokens=4)
+
+
 # -- argument errors -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("prompt", "kwargs"), [

@@ -3,9 +3,11 @@
 One background thread owns the models and runs the loop; each iteration (an engine *step*):
 
 1. drops cancelled requests (their slots free at once) and admits waiting ones into free slots;
-2. prefills at most ``prefill_chunk`` prompt tokens, summed over the requests still in prefill,
-   oldest first: a long prompt is split over several steps, so running streams keep getting one
-   token per step while it is read; a request whose prompt is complete samples its first token;
+2. prefills the requests still in prefill, oldest first, up to the step's budget of prompt tokens:
+   while others decode, about as many as cost one decode step (measured), else up to
+   ``prefill_chunk`` (see :class:`memdec_fast.engine.scheduler.PrefillBudget`). A long prompt is
+   split over several steps, so running streams keep getting one token per step while it is
+   read; a request whose prompt is complete samples its first token;
 3. runs one decode step over every decoding request (see :mod:`memdec_fast.engine.step`), and
    retires the ones that finished.
 
@@ -22,6 +24,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -91,8 +94,8 @@ class Engine:
     max_queue : int
         Requests allowed to wait for a slot; one more raises EngineOverloaded.
     prefill_chunk : int
-        Prompt tokens prefilled per engine step, summed over requests: the most a step
-        delays running streams for new prompts.
+        The most prompt tokens prefilled per engine step, summed over requests. While requests
+        decode, a step prefills fewer: about as many as cost one decode step, by measured times.
     cuda_graphs : bool
         On CUDA, replay each decode step as a CUDA graph, one per (batch, length) bucket.
     max_context : int, optional
@@ -147,7 +150,8 @@ class Engine:
         """What stopped the loop, when a bug did; the engine then refuses every request (see :attr:`healthy`)."""
         self.stats = {"steps": 0, "decode_steps": 0, "prefill_chunks": 0, "prefill_tokens": 0, "tokens": 0}
         self.trace: deque[dict] = deque(maxlen=4096)
-        """Per engine step: {"prefill": [(request_id, start, end)], "decode": [request_id]} (recent steps only)."""
+        """Per engine step: {"prefill": [(request_id, start, end)], "decode": [request_id], "budget": prompt tokens
+        the step could prefill} (recent steps only)."""
 
     @classmethod
     def from_pretrained(
@@ -424,8 +428,9 @@ class Engine:
 
     def _iteration(self) -> None:
         sched, step = self._sched, self._step
-        record = {"prefill": [], "decode": []}
         plan = sched.prefill_plan()
+        record = {"prefill": [], "decode": [], "budget": sched.step_budget}
+        started = time.perf_counter()
         for (req, start, end), logits in self._isolated(
             plan, lambda part: step.prefill([(r.slot, r.prompt[a:b], a) for r, a, b in part])
         ):
@@ -435,8 +440,10 @@ class Engine:
             self.stats["prefill_tokens"] += end - start
             if end == len(req.prompt):
                 self._guard(req, lambda r=req, lg=logits: self._emit(r, *step.sample_one(lg, r.params, r.rng)))
+        sched.budget.prefilled(sum(end - start for _, start, end in plan), time.perf_counter() - started)
         rows = sched.decode_rows()
         if rows:
+            started = time.perf_counter()
             try:
                 out_tokens, out_logprobs = self._decode(rows)
             except Exception as err:  # noqa: BLE001 - find the row that fails: run each alone
@@ -448,6 +455,8 @@ class Engine:
                         r.slot, r.row.token_ids[-1], r.position, r.params, r.rng)))
                 rows = [r for r in rows if r.slot in out]
                 out_tokens, out_logprobs = ({r.slot: out[r.slot][i] for r in rows} for i in (0, 1))
+            else:
+                sched.budget.decoded(time.perf_counter() - started)
             self.stats["decode_steps"] += 1
             for r in rows:
                 record["decode"].append(r.request_id)

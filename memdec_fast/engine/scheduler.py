@@ -4,9 +4,15 @@ No tensors here. The engine's loop thread calls everything except :meth:`Schedul
 :meth:`Scheduler.cancel`, which caller threads call under :attr:`Scheduler.cond`.
 
 A request's life: waiting (FIFO queue) -> admitted into the lowest free slot -> prefill, in
-chunks of at most ``prefill_chunk`` prompt tokens per engine step summed over all requests
-(oldest admission first) -> decoding, one token per engine step -> released (finished,
-cancelled or failed), which frees its slot for the next waiting request.
+chunks summed over all requests (oldest admission first) up to the step's prefill budget ->
+decoding, one token per engine step -> released (finished, cancelled or failed), which frees its
+slot for the next waiting request.
+
+The prefill budget (:class:`PrefillBudget`): while requests decode, a step prefills about as many
+prompt tokens as cost one decode step, by the measured times of both, so that a new prompt at most
+doubles the time between the running streams' tokens; with nothing decoding, or for a request
+still in prefill :data:`MAX_PREFILL_STEPS` steps after admission (no prompt waits for ever behind
+cheaper decode steps), up to ``prefill_chunk`` tokens.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Request:
     sent_tokens: int = 0  # tokens already streamed
     cancelled: bool = False
     memory: int = 0  # index of its memory in the engine's step (ModelStep.pairs), -1 for the base alone
+    admitted_at: int = 0  # the engine step that admitted it
 
     @property
     def decoding(self) -> bool:
@@ -61,6 +68,56 @@ class Request:
         return self.computed + len(self.row.token_ids) - 1 if self.row.token_ids else self.computed
 
 
+MIN_PREFILL = 16
+"""Fewest prompt tokens a step prefills while requests decode (unless ``prefill_chunk`` is smaller)."""
+
+MAX_PREFILL_STEPS = 8
+"""A request still in prefill this many steps after its admission gets the whole ``prefill_chunk`` budget."""
+
+
+class PrefillBudget:
+    """Prompt tokens per engine step, from the measured cost of a prompt token and of a decode step.
+
+    The engine reports each prefill (:meth:`prefilled`) and decode step (:meth:`decoded`) with its wall
+    time; both costs are moving averages (weight :attr:`SMOOTHING` on the newest), so that a busy
+    host's slower steps shrink the chunks as much as they slow the decoding.
+
+    Example
+    -------
+    >>> budget = PrefillBudget(cap=512)
+    >>> budget.prefilled(tokens=100, seconds=0.5); budget.decoded(seconds=0.2)
+    >>> budget.tokens(decoding=True), budget.tokens(decoding=False)
+    (40, 512)
+    """
+
+    SMOOTHING = 0.25
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.token_seconds: float | None = None  # one prompt token's share of a prefill forward
+        self.step_seconds: float | None = None  # one decode step
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.SMOOTHING * (new - old)
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        """A prefill forward of `tokens` prompt tokens took `seconds`."""
+        if tokens > 0:
+            self.token_seconds = self._mix(self.token_seconds, seconds / tokens)
+
+    def decoded(self, seconds: float) -> None:
+        """A decode step took `seconds`."""
+        self.step_seconds = self._mix(self.step_seconds, seconds)
+
+    def tokens(self, decoding: bool) -> int:
+        """The budget of the next step: prompt tokens costing about one decode step while rows decode (at least
+        :data:`MIN_PREFILL`, at most ``cap``); ``cap`` when nothing decodes or before both costs are measured."""
+        if not decoding or self.token_seconds is None or self.step_seconds is None:
+            return self.cap
+        fit = round(self.step_seconds / max(self.token_seconds, 1e-9))
+        return min(self.cap, max(MIN_PREFILL, fit))
+
+
 class Scheduler:
     """FIFO queue, ``max_batch`` cache slots, and the chunked-prefill plan.
 
@@ -68,7 +125,7 @@ class Scheduler:
     ----------
     max_batch : int, cache slots (requests running at once)
     max_queue : int, requests allowed to wait for a slot; one more raises EngineOverloaded
-    prefill_chunk : int, prompt tokens prefilled per engine step, summed over requests
+    prefill_chunk : int, the most prompt tokens prefilled per engine step, summed over requests
     """
 
     def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int):
@@ -77,6 +134,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
         self.admitted: list[Request] = []  # running requests in admission order (prefill goes oldest first)
+        self.budget = PrefillBudget(prefill_chunk)
+        self.step = 0  # engine steps planned so far
+        self.step_budget = prefill_chunk  # prompt tokens the last plan allowed
 
     # -- caller threads, under self.cond ----------------------------------------------------------
 
@@ -109,6 +169,7 @@ class Scheduler:
         while self.waiting and len(self.admitted) < self.max_batch:
             req = self.waiting.popleft()
             req.slot = self.slots.index(None)
+            req.admitted_at = self.step
             self.slots[req.slot] = req
             self.admitted.append(req)
             new.append(req)
@@ -122,15 +183,20 @@ class Scheduler:
             req.slot = None
 
     def prefill_plan(self) -> list[tuple[Request, int, int]]:
-        """(request, start, end): prompt tokens [start, end) to prefill this step, at most prefill_chunk in all."""
-        budget, plan = self.prefill_chunk, []
-        for req in self.admitted:
+        """(request, start, end): prompt tokens [start, end) to prefill this step, within the step's budget
+        (:class:`PrefillBudget`; at most prefill_chunk in all). Counts the step."""
+        self.step += 1
+        waiting = [r for r in self.admitted if r.computed < len(r.prompt)]
+        starved = any(self.step - r.admitted_at > MAX_PREFILL_STEPS for r in waiting)
+        decoding = any(r.decoding and r.row.token_ids for r in self.admitted)
+        budget = self.step_budget = self.budget.tokens(decoding and not starved)
+        plan = []
+        for req in waiting:
             if budget == 0:
                 break
-            if req.computed < len(req.prompt):
-                end = min(len(req.prompt), req.computed + budget)
-                plan.append((req, req.computed, end))
-                budget -= end - req.computed
+            end = min(len(req.prompt), req.computed + budget)
+            plan.append((req, req.computed, end))
+            budget -= end - req.computed
         return plan
 
     def decode_rows(self) -> list[Request]:
