@@ -203,3 +203,20 @@ def test_checkpoint_with_missing_or_misshapen_tensors(tmp_path, ckpts):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="ln_f.weight has shape"):
         GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(("rows", "heads", "queries", "slots"), [(8, 3, 1, 37), (13, 2, 4, 70), (3, 5, 1, 9)])
+def test_attend_equals_float64_attention_over_strided_cache_views(rows, heads, queries, slots):
+    from memdec_fast.models.cache import attend
+
+    g = torch.Generator().manual_seed(rows * 100 + slots)
+    cache_k, cache_v = (torch.randn(rows + 2, heads, slots + 5, 16, generator=g) for _ in range(2))
+    k, v = cache_k[1 : rows + 1, :, :slots], cache_v[1 : rows + 1, :, :slots]  # strided views, as a step reads them
+    q = torch.randn(rows, heads, queries, 16, generator=g)
+    lengths = torch.randint(1, slots + 1, (rows,), generator=g)
+    mask = (torch.arange(slots) < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]: a decode step's
+    got = attend(q, k, v, mask, 0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                            scale=0.3)
+    print(f"max |attend - float64| = {(got.double() - want).abs().max():.2e}")
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)

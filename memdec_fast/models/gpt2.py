@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.cache import CachedDecoder, SlotCache, keep_positions, write_rows
+from memdec_fast.models.cache import CachedDecoder, SlotCache, attend, keep_positions, write_rows
 from memdec_fast.models.linear import Linear, linear
 
 
@@ -71,7 +71,10 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(D, dim=-1))
         if cache is not None:
             k, v = write_rows(cache, input_pos, k, v)  # [B, H, S', Dh]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        if mask is None:  # causal over the T inputs, no cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            y = attend(q, k, v, mask, self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
 

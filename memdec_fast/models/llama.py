@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.cache import CachedDecoder, SlotCache, keep_positions, write_rows
+from memdec_fast.models.cache import CachedDecoder, SlotCache, attend, keep_positions, write_rows
 from memdec_fast.models.linear import Linear, linear
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -191,7 +191,7 @@ class Attention(nn.Module):
             # the G query heads of a KV head become G x T queries of one head, so that K and V are read once,
             # never repeated in memory: [B, Hkv, G * T, Dh] against [B, Hkv, S, Dh], the mask tiled G times
             q = q.reshape(B, self.n_kv, group * T, self.head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, group, 1) if T > 1 else mask)
+            y = attend(q, k, v, mask.repeat(1, 1, group, 1) if T > 1 else mask)
         y = y.reshape(B, self.n_head, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
         return self.o_proj(y)
 
