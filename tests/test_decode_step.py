@@ -101,6 +101,25 @@ def test_a_lean_generator_decodes_on_one_step_grown_to_its_largest_call(ckpts):
             assert not k[:, :, : grown.context].any() and not v[:, :, : grown.context].any()
 
 
+@pytest.mark.parametrize("memory", ["decoder", "mlp"])
+def test_decoding_some_rows_alone_gives_their_rows_of_the_full_step(ckpts, memory):
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts[memory], lmbda=0.4, cuda_graphs=False)
+    step = ModelStep(gen.pair, context=32, max_batch=5, cuda_graphs=False)
+    step.set_params(0, {"temperature": 0.0}, rows=5)  # greedy
+    step.prefill([(s, [3 + s, 9, 4 * s + 1, 7][: 2 + s % 3], 0) for s in range(5)])
+    tokens, positions = [11, 12, 13, 14, 15], [2, 3, 4, 2, 3]
+    full, full_tokens, _ = step.decode(tokens, positions)  # all five rows; the next call rewrites the same slots
+    slots = [3, 0, 4]
+    some, some_tokens, _ = step.decode_rows(slots, [tokens[s] for s in slots], [positions[s] for s in slots])
+    for i, s in enumerate(slots):
+        torch.testing.assert_close(some[0][i], full[0][s], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(some[1][i], full[1][s], atol=1e-5, rtol=1e-5)
+    assert some_tokens == [full_tokens[s] for s in slots]
+    step.replay = True
+    with pytest.raises(RuntimeError, match="decode_rows"):
+        step.decode_rows(slots, [1, 2, 3], [5, 5, 5])
+
+
 def test_a_call_that_wrote_nan_into_the_caches_does_not_poison_the_next(ckpts):
     gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4, cuda_graphs=False)
     want = gen.generate(PROMPTS, max_new_tokens=6)

@@ -27,6 +27,7 @@ from memdec_fast.engine import (
     RequestOutput,
     StreamDelta,
 )
+from memdec_fast.engine import engine as engine_module
 from memdec_fast.engine.step import ModelStep
 
 WAIT = 30.0
@@ -374,9 +375,15 @@ def test_long_prompt_prefills_in_chunks_while_a_stream_keeps_decoding(long_ckpts
     assert_equals_alone(outs[1], long_ref, long_prompt, max_new_tokens=6)
 
 
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_prefill_steps_must_be_a_positive_number(ckpts, bad):
+    with pytest.raises(ValueError, match="prefill_steps"):
+        Engine(load(ckpts, "mlp"), prefill_steps=bad)
+
+
 def test_prefill_budget_comes_from_measured_steps_and_bounds_each_steps_prefill(long_ckpts, long_ref, tokenizer):
     prompts = [tokenizer.encode(" ".join(PROMPTS[i:] + PROMPTS[:i]))[:30 + 3 * i] for i in range(4)]
-    with Engine(load(long_ckpts, "mlp"), max_batch=2, prefill_chunk=64) as engine:
+    with Engine(load(long_ckpts, "mlp"), max_batch=2, prefill_chunk=64, prefill_steps=1.0) as engine:
         running = engine.submit(PROMPTS[1], max_new_tokens=100)
         wait_until(lambda: engine.stats["tokens"] >= 1)
         first = len(engine.trace)
@@ -500,6 +507,9 @@ def run_together(engine: Engine, kws: list[dict]) -> list[RequestOutput]:
 
 @pytest.mark.parametrize("memory", ["decoder", "mlp"])
 def test_fake_captured_decode_steps_give_the_eager_engines_tokens(ckpts, memory, monkeypatch):
+    # the eager steps run rows [0, n) as the replays do (not the decoding rows alone): the same rows draw the same
+    # numbers from the step's generator
+    monkeypatch.setattr(engine_module, "GATHER_BELOW", 0.0)
     want = run_together(Engine(load(ckpts, memory), max_batch=4, prefill_chunk=64, cuda_graphs=False), FAKE_KWS)
     fake = FakeCuda(monkeypatch)
     engine = fake_captured_engine(load(ckpts, memory), fake, max_batch=4, prefill_chunk=64)

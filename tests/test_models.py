@@ -10,6 +10,7 @@ from conftest import PAD_ROWS, save_gpt2
 from transformers import GPT2LMHeadModel
 
 from memdec_fast.models import GPT2, GPT2Runner, HFRunner, MLPMemory, detect_memory_type
+from memdec_fast.models.cache import Packing
 from memdec_fast.models.gpt2 import activation
 
 
@@ -95,10 +96,12 @@ def test_hidden_state_is_the_input_of_the_mlp(ckpts, tokenizer):
     assert (hidden - seen[0]).abs().max() < 1e-5
 
 
-def slot_steps(runner, prompts: list[list[int]], new: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def slot_steps(runner, prompts: list[list[int]], new: torch.Tensor, packed: bool = True
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A lean runner as the engine's step drives it: the prompts prefilled into cache rows of their own in one
-    right-padded forward, then one decode step per row of `new` [steps, B], each row at its own position.
-    Returns (logits [B, V], hidden [B, D]) after the prefill and after each step."""
+    right-padded forward (its blocks computing the real tokens only, unless not `packed`), then one decode step per
+    row of `new` [steps, B], each row at its own position. Returns (logits [B, V], hidden [B, D]) after the prefill
+    and after each step."""
     B, T = len(prompts), max(map(len, prompts))
     length = T + new.shape[0]
     caches = runner.new_slot_caches(B, length + 1)  # slot `length`: scratch for the padding
@@ -108,7 +111,8 @@ def slot_steps(runner, prompts: list[list[int]], new: torch.Tensor) -> list[tupl
         ids[i, : len(p)] = torch.tensor(p)
         pos[i, : len(p)] = slots[i, : len(p)] = torch.arange(len(p))
     last = torch.tensor([len(p) - 1 for p in prompts])
-    outs = [runner.slot_forward(ids, pos, caches, torch.arange(B), length, slots, last)]
+    packing = Packing.of([len(p) for p in prompts], T, ids.device) if packed else None
+    outs = [runner.slot_forward(ids, pos, caches, torch.arange(B), length, slots, last, packing)]
     at = torch.tensor([len(p) for p in prompts])  # [B] each row's next position
     for step in new:
         outs.append(runner.slot_forward(step[:, None], at[:, None], caches, slice(0, B), length))
@@ -220,3 +224,26 @@ def test_attend_equals_float64_attention_over_strided_cache_views(rows, heads, q
                                                             scale=0.3)
     print(f"max |attend - float64| = {(got.double() - want).abs().max():.2e}")
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)
+
+
+def test_packing_keeps_the_real_tokens_and_restores_the_padded_layout():
+    assert Packing.of([3, 3], 3, torch.device("cpu")) is None  # nothing padded: nothing to pack
+    packing = Packing.of([2, 5, 1], 5, torch.device("cpu"))
+    x = torch.randn(3, 5, 4)
+    packed = packing.pack(x)
+    assert packed.shape == (8, 4) and torch.equal(packed[2:7], x[1])
+    back = packing.unpack(packed)
+    assert torch.equal(back[1], x[1]) and torch.equal(back[0, :2], x[0, :2]) and not back[0, 2:].any()
+    assert packing.select([1]) is None and packing.select([2, 0]).lengths == (1, 2)
+
+
+def test_a_packed_prefill_equals_the_padded_one_and_so_do_the_steps_after_it(ckpts):
+    runner = GPT2Runner(GPT2.from_pretrained(ckpts["base"]))
+    runner.hidden_layer = -1
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (7, 2, 11, 5)]
+    new = torch.randint(0, 100, (3, 4), generator=g)
+    for (packed_logits, packed_hidden), (logits, hidden) in zip(slot_steps(runner, prompts, new),
+                                                                slot_steps(runner, prompts, new, packed=False)):
+        torch.testing.assert_close(packed_logits, logits, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(packed_hidden, hidden, atol=2e-5, rtol=1e-5)

@@ -14,14 +14,22 @@ def request(rid: str, prompt_len: int) -> Request:
 
 
 def measured(cap: int, token_seconds: float, step_seconds: float) -> PrefillBudget:
-    budget = PrefillBudget(cap)
+    budget = PrefillBudget(cap, steps=1.0)
     budget.prefilled(tokens=10, seconds=10 * token_seconds)
     budget.decoded(seconds=step_seconds)
     return budget
 
 
+def test_budget_is_the_cap_without_steps():
+    assert measured(512, 0.01, 0.1).tokens(decoding=True) == 16
+    budget = PrefillBudget(cap=512)  # no steps: up to the cap, always
+    budget.prefilled(tokens=10, seconds=0.1)
+    budget.decoded(seconds=0.1)
+    assert budget.tokens(decoding=True) == 512
+
+
 def test_budget_is_the_cap_until_both_costs_are_measured_or_when_nothing_decodes():
-    budget = PrefillBudget(cap=512)
+    budget = PrefillBudget(cap=512, steps=1.0)
     assert budget.tokens(decoding=True) == 512
     budget.decoded(seconds=0.1)
     assert budget.tokens(decoding=True) == 512  # the prompt token's cost is still unknown

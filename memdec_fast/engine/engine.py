@@ -3,11 +3,11 @@
 One background thread owns the models and runs the loop; each iteration (an engine *step*):
 
 1. drops cancelled requests (their slots free at once) and admits waiting ones into free slots;
-2. prefills the requests still in prefill, oldest first, up to the step's budget of prompt tokens:
-   while others decode, about as many as cost one decode step (measured), else up to
-   ``prefill_chunk`` (see :class:`memdec_fast.engine.scheduler.PrefillBudget`). A long prompt is
-   split over several steps, so running streams keep getting one token per step while it is
-   read; a request whose prompt is complete samples its first token;
+2. prefills the requests still in prefill, oldest first, up to ``prefill_chunk`` prompt tokens (with
+   ``prefill_steps``, while others decode, about as many as cost that many decode steps, measured:
+   :class:`memdec_fast.engine.scheduler.PrefillBudget`). A long prompt is split over several steps,
+   so running streams keep getting one token per step while it is read; a request whose prompt is
+   complete samples its first token;
 3. runs one decode step over every decoding request (see :mod:`memdec_fast.engine.step`), and
    retires the ones that finished.
 
@@ -68,6 +68,11 @@ SAMPLING = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, 
 PREFILL_CHUNK = 512
 """Default prompt tokens prefilled per engine step (summed over requests)."""
 
+GATHER_BELOW = 0.75
+"""An eager decode step runs its decoding rows alone (gathered) when they are at most this share of the rows it
+would run otherwise (measured on the CPU, gpt2-small pair, 32 slots: gathered 24 of 32 took 148 ms against 163 ms
+for all 32, 28 of 32 took 172 ms; benchmarks/NOTES.md, "Engine speed")."""
+
 
 class Engine:
     """Continuous batching over a model pair (:class:`memdec_fast.models.pair.ModelPair`).
@@ -94,8 +99,13 @@ class Engine:
     max_queue : int
         Requests allowed to wait for a slot; one more raises EngineOverloaded.
     prefill_chunk : int
-        The most prompt tokens prefilled per engine step, summed over requests. While requests
-        decode, a step prefills fewer: about as many as cost one decode step, by measured times.
+        The most prompt tokens prefilled per engine step, summed over requests: the most a step
+        delays running streams for new prompts.
+    prefill_steps : float, optional
+        While requests decode, prefill only about as many prompt tokens per step as cost this many
+        decode steps (measured as the engine runs; at least 16 tokens): a tighter bound on the time
+        between tokens, at a cost in tokens/s and time to first token where steps are
+        compute-bound (the CPU). None (default): up to ``prefill_chunk``.
     cuda_graphs : bool
         On CUDA, replay each decode step as a CUDA graph, one per (batch, length) bucket.
     max_context : int, optional
@@ -118,11 +128,15 @@ class Engine:
     """
 
     def __init__(self, pair: ModelPair | Mapping[str, ModelPair], max_batch: int = 32, max_queue: int = 256,
-                 prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True, max_context: int | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, cuda_graphs: bool = True, max_context: int | None = None,
+                 prefill_steps: float | None = None):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                                  ("prefill_chunk", prefill_chunk, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        if prefill_steps is not None and (isinstance(prefill_steps, bool) or not isinstance(prefill_steps, (int, float))
+                                          or not 0 < prefill_steps < float("inf")):
+            raise ValueError(f"prefill_steps: expected a finite number > 0 or None, got {prefill_steps!r}")
         if isinstance(pair, Mapping):
             checks.check_memory_names(list(pair))
             self.memories = dict(pair)
@@ -139,7 +153,7 @@ class Engine:
             self.max_context = min(self.max_context, max_context)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self._step = ModelStep(step_pairs, self.max_context, max_batch, cuda_graphs=cuda_graphs)
-        self._sched = Scheduler(max_batch, max_queue, prefill_chunk)
+        self._sched = Scheduler(max_batch, max_queue, prefill_chunk, prefill_steps)
         self._eos = self.tokenizer.eos_token_id
         self._tok_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self._encoders = threading.local()  # per-thread tokenizer copies that encode requests (see _encoder)
@@ -464,20 +478,32 @@ class Engine:
         self.stats["steps"] += 1
         self.trace.append(record)
 
-    def _decode(self, rows: list[Request]) -> tuple[list[int], list[float]]:
-        """One batched decode step of `rows`; each slot's token and log p."""
+    def _decode(self, rows: list[Request]) -> tuple[dict[int, int], dict[int, float]]:
+        """One batched decode step of `rows`; each slot's token and log p.
+
+        The step runs cache rows [0, n), n the bucket of the highest busy slot + 1, where rows that do not
+        decode feed dummies; an eager step (no graphs) whose decoding rows are at most :data:`GATHER_BELOW` of
+        those n runs the decoding rows alone, gathered by index (fewer rows computed, their caches copied)."""
         busy = [r for r in self._sched.admitted if r.slot is not None]
         n = self._step.bucket(max(r.slot for r in busy) + 1)
-        tokens, positions = [0] * n, [0] * n
-        for r in busy:
-            if r.slot < n:  # a request in prefill feeds a dummy token where its next chunk will write
-                positions[r.slot] = r.position
-        for r in rows:
-            tokens[r.slot] = r.row.token_ids[-1]
-        logits, out_tokens, out_logprobs = self._step.decode(tokens, positions)
+        if not self._step.replay and len(rows) <= GATHER_BELOW * n:
+            logits, toks, lps = self._step.decode_rows([r.slot for r in rows], [r.row.token_ids[-1] for r in rows],
+                                                       [r.position for r in rows])
+            at = {r.slot: i for i, r in enumerate(rows)}  # the row of each slot in the step's outputs
+        else:
+            tokens, positions = [0] * n, [0] * n
+            for r in busy:
+                if r.slot < n:  # a request in prefill feeds a dummy token where its next chunk will write
+                    positions[r.slot] = r.position
+            for r in rows:
+                tokens[r.slot] = r.row.token_ids[-1]
+            logits, toks, lps = self._step.decode(tokens, positions)
+            at = {r.slot: r.slot for r in rows}
+        out_tokens, out_logprobs = {r.slot: toks[at[r.slot]] for r in rows}, {r.slot: lps[at[r.slot]] for r in rows}
         for r in rows:  # a seeded request draws from its own generator, as it would alone
             if r.rng is not None:
-                row_logits = (logits[0][r.slot : r.slot + 1], logits[1][r.slot : r.slot + 1])
+                i = at[r.slot]
+                row_logits = (logits[0][i : i + 1], logits[1][i : i + 1])
                 out_tokens[r.slot], out_logprobs[r.slot] = self._step.sample_one(row_logits, r.params, r.rng)
         return out_tokens, out_logprobs
 

@@ -8,11 +8,13 @@ chunks summed over all requests (oldest admission first) up to the step's prefil
 decoding, one token per engine step -> released (finished, cancelled or failed), which frees its
 slot for the next waiting request.
 
-The prefill budget (:class:`PrefillBudget`): while requests decode, a step prefills about as many
-prompt tokens as cost one decode step, by the measured times of both, so that a new prompt at most
-doubles the time between the running streams' tokens; with nothing decoding, or for a request
-still in prefill :data:`MAX_PREFILL_STEPS` steps after admission (no prompt waits for ever behind
-cheaper decode steps), up to ``prefill_chunk`` tokens.
+The prefill budget (:class:`PrefillBudget`): up to ``prefill_chunk`` prompt tokens per step. With
+``prefill_steps`` set, while requests decode a step prefills only about as many prompt tokens as
+cost that many decode steps, by the measured times of both, so that a new prompt delays the running
+streams' next token by at most that much; a request still in prefill :data:`MAX_PREFILL_STEPS`
+steps after admission gets the whole ``prefill_chunk`` (no prompt waits for ever behind cheaper
+decode steps). It is off by default: on a CPU, where a step is compute-bound, smaller chunks lost
+tokens/s, TTFT and even the p99 time between tokens (benchmarks/NOTES.md, "Engine speed").
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class PrefillBudget:
 
     Example
     -------
-    >>> budget = PrefillBudget(cap=512)
+    >>> budget = PrefillBudget(cap=512, steps=1.0)
     >>> budget.prefilled(tokens=100, seconds=0.5); budget.decoded(seconds=0.2)
     >>> budget.tokens(decoding=True), budget.tokens(decoding=False)
     (40, 512)
@@ -92,8 +94,8 @@ class PrefillBudget:
 
     SMOOTHING = 0.25
 
-    def __init__(self, cap: int):
-        self.cap = cap
+    def __init__(self, cap: int, steps: float | None = None):
+        self.cap, self.steps = cap, steps
         self.token_seconds: float | None = None  # one prompt token's share of a prefill forward
         self.step_seconds: float | None = None  # one decode step
 
@@ -110,11 +112,12 @@ class PrefillBudget:
         self.step_seconds = self._mix(self.step_seconds, seconds)
 
     def tokens(self, decoding: bool) -> int:
-        """The budget of the next step: prompt tokens costing about one decode step while rows decode (at least
-        :data:`MIN_PREFILL`, at most ``cap``); ``cap`` when nothing decodes or before both costs are measured."""
-        if not decoding or self.token_seconds is None or self.step_seconds is None:
+        """The budget of the next step: prompt tokens costing about ``steps`` decode steps while rows decode (at
+        least :data:`MIN_PREFILL`, at most ``cap``); ``cap`` when ``steps`` is None, when nothing decodes, or before
+        both costs are measured."""
+        if self.steps is None or not decoding or self.token_seconds is None or self.step_seconds is None:
             return self.cap
-        fit = round(self.step_seconds / max(self.token_seconds, 1e-9))
+        fit = round(self.steps * self.step_seconds / max(self.token_seconds, 1e-9))
         return min(self.cap, max(MIN_PREFILL, fit))
 
 
@@ -126,15 +129,16 @@ class Scheduler:
     max_batch : int, cache slots (requests running at once)
     max_queue : int, requests allowed to wait for a slot; one more raises EngineOverloaded
     prefill_chunk : int, the most prompt tokens prefilled per engine step, summed over requests
+    prefill_steps : float, optional; while requests decode, prefill about this many decode steps' worth per step
     """
 
-    def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int):
+    def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int, prefill_steps: float | None = None):
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.cond = threading.Condition()
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
         self.admitted: list[Request] = []  # running requests in admission order (prefill goes oldest first)
-        self.budget = PrefillBudget(prefill_chunk)
+        self.budget = PrefillBudget(prefill_chunk, prefill_steps)
         self.step = 0  # engine steps planned so far
         self.step_budget = prefill_chunk  # prompt tokens the last plan allowed
 

@@ -9,10 +9,12 @@ is scratch: the right padding of a batched prefill writes there, and attention n
 
 Prefill: the chunks of one engine step, from any number of requests, run as one right-padded forward.
 
-A decode step runs rows [0, Bk), Bk being the batch bucket (next power of two, capped at max_batch)
-of the highest busy slot + 1, and reads cache slots [0, L), L the length bucket of the longest row.
-Rows in that range that do not decode (free slots, requests still prefilling) feed a dummy token at
-their next write position; that slot is overwritten before anything reads it.
+A decode step runs rows [0, Bk) and reads cache slots [0, L). Replayed as CUDA graphs, Bk is the
+batch bucket (next power of two, capped at max_batch) of the highest busy slot + 1 and L the length
+bucket of the longest row, so that few graphs serve all steps; eagerly (the CPU), Bk is the highest
+busy slot + 1 and L the longest row's length: no padded row or slot costs compute. Rows in that range
+that do not decode (free slots, requests still prefilling) feed a dummy token at their next write
+position; that slot is overwritten before anything reads it.
 
 Everything the step reads sits in static buffers (tokens, positions, the [max_batch, 7] parameter
 table), so on CUDA the step of each (Bk, L) is captured once as a CUDA graph and replayed; anywhere
@@ -42,6 +44,7 @@ from collections.abc import Mapping
 import torch
 
 from memdec_fast import ops
+from memdec_fast.models.cache import Packing
 from memdec_fast.models.pair import Logits, ModelPair
 from memdec_fast.ops import reference
 from memdec_fast.ops.params import Param
@@ -183,8 +186,9 @@ class ModelStep:
             self.mempool = torch.cuda.graph_pool_handle()  # shared: graphs replay one at a time
 
     def bucket(self, rows: int) -> int:
-        """Rows a decode step runs when rows [0, rows) are busy (:func:`batch_bucket`)."""
-        return batch_bucket(rows, self.max_batch)
+        """Rows a decode step runs when rows [0, rows) are busy: :func:`batch_bucket` when steps replay as
+        graphs, else `rows`."""
+        return batch_bucket(rows, self.max_batch) if self.replay else rows
 
     # -- per-slot state ---------------------------------------------------------------------------
 
@@ -254,7 +258,8 @@ class ModelStep:
         last = torch.tensor([len(t) - 1 for _, t, _ in chunks])  # [B]
         length = max(start + len(t) for _, t, start in chunks)
         ids, pos, slots, rows, last = (x.to(self.device) for x in (ids, pos, slots, rows, last))
-        return self._forward(ids, pos, rows, length, slots, last, [slot for slot, _, _ in chunks])
+        packing = Packing.of([len(t) for _, t, _ in chunks], T, self.device)  # the blocks skip the padding
+        return self._forward(ids, pos, rows, length, slots, last, [slot for slot, _, _ in chunks], packing)
 
     # -- decode -----------------------------------------------------------------------------------
 
@@ -268,15 +273,33 @@ class ModelStep:
         return logits
 
     @torch.inference_mode()
+    def decode_rows(self, slots: list[int], tokens: list[int], positions: list[int]
+                    ) -> tuple[Logits, list[int], list[float]]:
+        """One eager decode step over the cache rows `slots` only (gathered by index, in that order), each row's
+        token at its position: the step of :meth:`decode` without its rows that do not decode, for steps that do not
+        replay. Returns the logits (two [len(slots), V]) and each row's token and log p, in the order of `slots`."""
+        if self.replay:
+            raise RuntimeError("decode_rows: steps that replay as CUDA graphs run rows [0, n) (decode)")
+        idx = torch.tensor(slots, device=self.device)  # [B]
+        ids = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
+        pos = torch.tensor(positions, device=self.device)[:, None]  # [B, 1]
+        logits = self._forward(ids, pos, idx, max(positions) + 1, slot_ids=slots)
+        out_tokens, out_logprobs = self._sample_table(*logits, self.table.index_select(0, idx))
+        return logits, out_tokens.tolist(), out_logprobs.tolist()
+
+    @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int]) -> tuple[Logits, list[int], list[float]]:
-        """One decode step over rows [0, len(tokens)) (a :meth:`bucket` size), each row's token at its position.
+        """One decode step over rows [0, len(tokens)) (a :meth:`bucket` size), each row's token at its position;
+        attention reads the slots [0, longest row], rounded up to :func:`length_bucket` when steps replay.
 
         Returns the logits (two [rows, V], views of static buffers, valid until the next step) and each
         row's token and log p, drawn in one batched call with the parameter table and :attr:`rng`.
         A row whose request samples with its own generator is sampled again from the logits by its caller.
         """
         rows = len(tokens)
-        length = length_bucket(max(positions) + 1, self.context)
+        length = max(positions) + 1
+        if self.replay:
+            length = length_bucket(length, self.context)
         self.tokens[:rows].copy_(torch.tensor(tokens))
         self.positions[:rows].copy_(torch.tensor(positions))
         logits = self._run(rows, length)
@@ -294,13 +317,14 @@ class ModelStep:
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice | torch.Tensor, length: int,
                  slots: torch.Tensor | None = None, last: torch.Tensor | None = None,
-                 slot_ids: list[int] | range = ()) -> Logits:
+                 slot_ids: list[int] | range = (), packing: Packing | None = None) -> Logits:
         """The models over cache rows `rows` (see :meth:`ModelPair.slot_forward`): two [B, V]. slot_ids: the slot
         of each row on the host, read by a step of several memories to group the rows by memory."""
         if not self.multi:
-            return self.pair.slot_forward(self.caches, tokens, positions, rows, length, slots, last)
+            return self.pair.slot_forward(self.caches, tokens, positions, rows, length, slots, last, packing)
         pair = self.pair
-        base_logits, hidden = pair.base.slot_forward(tokens, positions, self.caches[0], rows, length, slots, last)
+        base_logits, hidden = pair.base.slot_forward(tokens, positions, self.caches[0], rows, length, slots, last,
+                                                     packing)
         base_logits = base_logits[..., : pair.vocab]  # [B, V]
         mem_logits = base_logits.clone()  # [B, V]; base-alone rows keep finite logits, which lmbda 0 ignores
         groups: dict[int, list[int]] = {}
@@ -315,7 +339,8 @@ class ModelStep:
                 out = p.memory(hidden.index_select(0, idx))
             else:
                 out = p.memory.slot_forward(tokens[idx], positions[idx], self.memory_caches[m], cache_rows[idx], length,
-                                            None if slots is None else slots[idx], None if last is None else last[idx])[0]
+                                            None if slots is None else slots[idx], None if last is None else last[idx],
+                                            None if packing is None else packing.select(members))[0]
             mem_logits.index_copy_(0, idx, out[..., : pair.vocab].to(mem_logits.dtype))
         return base_logits, mem_logits
 

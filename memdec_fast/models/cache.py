@@ -23,6 +23,40 @@ def keep_positions(x: torch.Tensor, hidden: torch.Tensor | None, last: torch.Ten
     return x, hidden
 
 
+class Packing(NamedTuple):
+    """The real tokens of a right-padded batch [B, T]: the lean models run their linear layers over these N tokens
+    only (a prefill of chunks of unequal lengths spends no GEMM rows on padding) and lay them out as [B, T] again
+    for attention.
+
+    lengths: real tokens per row (on the host); width: T; idx: [N] their flat indices in B * T.
+    """
+
+    lengths: tuple[int, ...]
+    width: int
+    idx: torch.Tensor
+
+    @classmethod
+    def of(cls, lengths: list[int], width: int, device: torch.device) -> Packing | None:
+        """The packing of rows of `lengths` tokens right-padded to `width`, or None when no row is padded."""
+        if all(n == width for n in lengths):
+            return None
+        idx = torch.cat([torch.arange(b * width, b * width + n) for b, n in enumerate(lengths)])
+        return cls(tuple(lengths), width, idx.to(device))
+
+    def select(self, rows: list[int]) -> Packing | None:
+        """The packing of a subset of the rows, in that order."""
+        return Packing.of([self.lengths[b] for b in rows], self.width, self.idx.device)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]: the real tokens."""
+        return x.reshape(len(self.lengths) * self.width, *x.shape[2:]).index_select(0, self.idx)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...], zeros at the padding."""
+        out = x.new_zeros(len(self.lengths) * self.width, *x.shape[1:])
+        return out.index_copy_(0, self.idx, x).view(len(self.lengths), self.width, *x.shape[1:])
+
+
 class SlotCache(NamedTuple):
     """One block's caller-owned cache, as a batch sees it (e.g. an engine's slots).
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.cache import CachedDecoder, SlotCache, attend, keep_positions, write_rows
+from memdec_fast.models.cache import CachedDecoder, Packing, SlotCache, attend, keep_positions, write_rows
 from memdec_fast.models.linear import Linear, linear
 
 
@@ -63,19 +63,23 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, input_pos: torch.Tensor | None,
-        cache: SlotCache | None = None,
+        cache: SlotCache | None = None, packing: Packing | None = None,
     ) -> torch.Tensor:
-        # x: [B, T, D]; mask: [B, 1, T, S] bool (True = attend) or None for causal; with `cache`, input_pos [B, T]:
-        # each token's slot in its row of that cache
-        B, T, D = x.shape
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(D, dim=-1))
+        # x: [B, T, D], or [N, D] with `packing`; mask: [B, 1, T, S] bool (True = attend) or None for causal; with
+        # `cache`, input_pos [B, T]: each token's slot in its row of that cache
+        qkv = self.c_attn(x)
+        if packing is not None:
+            qkv = packing.unpack(qkv)  # [B, T, 3D]
+        B, T, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv.split(D, dim=-1))
         if cache is not None:
             k, v = write_rows(cache, input_pos, k, v)  # [B, H, S', Dh]
         if mask is None:  # causal over the T inputs, no cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             y = attend(q, k, v, mask, self.scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.c_proj(y if packing is None else packing.pack(y))
 
 
 class MLP(nn.Module):
@@ -137,6 +141,7 @@ class GPT2(CachedDecoder):
         tail: int | None = None,
         caches: list[SlotCache] | None = None,
         last: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of every input position, and optionally the input of one block's MLP.
 
@@ -160,6 +165,8 @@ class GPT2(CachedDecoder):
         last : Tensor [B] int64, optional
             Return logits (and hidden) for one position per row only (T' = 1): row
             b's position last[b] (e.g. the last real token of a right-padded row).
+        packing : Packing, optional
+            Where the real tokens of a right-padded batch are: the blocks compute those only.
 
         Returns
         -------
@@ -167,14 +174,18 @@ class GPT2(CachedDecoder):
         hidden : Tensor [B, T', n_embd] or None
         """
         x = self.wte(idx) + self.wpe(positions)  # [B, T, D]
+        if packing is not None:
+            x = packing.pack(x)  # [N, D]
         hidden = None
         tap = None if hidden_layer is None else hidden_layer % len(self.h)
         for i, block in enumerate(self.h):
-            x = x + block.attn(block.ln_1(x), mask, input_pos, None if caches is None else caches[i])
+            x = x + block.attn(block.ln_1(x), mask, input_pos, None if caches is None else caches[i], packing)
             h = block.ln_2(x)
             if i == tap:
                 hidden = h
             x = x + block.mlp(h)
+        if packing is not None:
+            x, hidden = packing.unpack(x), None if hidden is None else packing.unpack(hidden)
         x, hidden = keep_positions(x, hidden, last, tail)
         x = self.ln_f(x)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.cache import CachedDecoder, SlotCache, attend, keep_positions, write_rows
+from memdec_fast.models.cache import CachedDecoder, Packing, SlotCache, attend, keep_positions, write_rows
 from memdec_fast.models.linear import Linear, linear
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -175,13 +175,16 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-        input_pos: torch.Tensor | None, cache: SlotCache | None = None,
+        input_pos: torch.Tensor | None, cache: SlotCache | None = None, packing: Packing | None = None,
     ) -> torch.Tensor:
-        # x: [B, T, D]; mask, input_pos, cache: as in GPT2's Attention
-        B, T, _ = x.shape
-        q = rotate(self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), *rope)  # [B, H, T, Dh]
-        k = rotate(self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2), *rope)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        # x: [B, T, D], or [N, D] with `packing`; mask, input_pos, cache: as in GPT2's Attention
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if packing is not None:
+            q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)  # [B, T, *]
+        B, T = q.shape[:2]
+        q = rotate(q.view(B, T, self.n_head, self.head_dim).transpose(1, 2), *rope)  # [B, H, T, Dh]
+        k = rotate(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), *rope)  # [B, Hkv, T, Dh]
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = write_rows(cache, input_pos, k, v)  # [B, Hkv, S', Dh]
         group = self.n_head // self.n_kv
@@ -193,7 +196,7 @@ class Attention(nn.Module):
             q = q.reshape(B, self.n_kv, group * T, self.head_dim)
             y = attend(q, k, v, mask.repeat(1, 1, group, 1) if T > 1 else mask)
         y = y.reshape(B, self.n_head, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y)
+        return self.o_proj(y if packing is None else packing.pack(y))
 
 
 class MLP(nn.Module):
@@ -259,6 +262,7 @@ class Llama(CachedDecoder):
         tail: int | None = None,
         caches: list[SlotCache] | None = None,
         last: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, T', V] and optionally block `hidden_layer`'s MLP input [B, T', D]; see GPT2.forward."""
         x = self.embed_tokens(idx)  # [B, T, D]
@@ -267,13 +271,17 @@ class Llama(CachedDecoder):
         rope = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         hidden = None
         tap = None if hidden_layer is None else hidden_layer % len(self.layers)
+        if packing is not None:
+            x = packing.pack(x)  # [N, D]
         for i, block in enumerate(self.layers):
             x = x + block.self_attn(block.input_layernorm(x), rope, mask, input_pos,
-                                    None if caches is None else caches[i])
+                                    None if caches is None else caches[i], packing)
             h = block.post_attention_layernorm(x)
             if i == tap:
                 hidden = h
             x = x + block.mlp(h)
+        if packing is not None:
+            x, hidden = packing.unpack(x), None if hidden is None else packing.unpack(hidden)
         x, hidden = keep_positions(x, hidden, last, tail)
         x = self.norm(x)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from memdec_fast.models import checkpoint, checks
+from memdec_fast.models.cache import Packing
 from memdec_fast.models.mlp_memory import MLPMemory
 from memdec_fast.models.runners import LeanRunner, as_runner, lean_reason, load_causal_lm
 from memdec_fast.ops.params import check_params
@@ -223,11 +224,13 @@ class ModelPair:
         return [r.new_slot_caches(slots, length) for r in self.runners()]
 
     def slot_forward(self, caches: list, tokens: torch.Tensor, positions: torch.Tensor, rows: slice | torch.Tensor,
-                     length: int, slots: torch.Tensor | None = None, last: torch.Tensor | None = None) -> Logits:
+                     length: int, slots: torch.Tensor | None = None, last: torch.Tensor | None = None,
+                     packing: Packing | None = None) -> Logits:
         """Both lean models over caller-owned slot caches (from :meth:`new_slot_caches`); see
         :meth:`memdec_fast.models.LeanRunner.slot_forward` for the arguments. Returns two [B, V]."""
         def run(i: int) -> Callable[[], tuple]:
-            return lambda: self.runners()[i].slot_forward(tokens, positions, caches[i], rows, length, slots, last)
+            return lambda: self.runners()[i].slot_forward(tokens, positions, caches[i], rows, length, slots, last,
+                                                          packing)
 
         return self.run_both(run(0), None if self.is_mlp else run(1))
 

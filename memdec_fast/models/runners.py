@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from memdec_fast.models import checkpoint, llama
-from memdec_fast.models.cache import SlotCache
+from memdec_fast.models.cache import Packing, SlotCache
 from memdec_fast.models.gpt2 import GPT2
 from memdec_fast.models.llama import Llama
 
@@ -59,6 +59,7 @@ class LeanRunner:
     def slot_forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]],
         rows: slice | torch.Tensor, length: int, slots: torch.Tensor | None = None, last: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> Output:
         """Run tokens in the cache rows `rows`, each row at its own positions; one position's outputs per row.
 
@@ -78,6 +79,7 @@ class LeanRunner:
             Where each token's key and value go; default its position. Padding tokens of a
             right-padded batch can go to a scratch slot >= length, which nothing reads.
         last : Tensor [B] int64, optional; the index in T whose outputs each row returns (default T - 1)
+        packing : Packing, optional; where the real tokens of right-padded rows are (only they are computed)
 
         Returns
         -------
@@ -86,7 +88,8 @@ class LeanRunner:
         kv = [SlotCache(k, v, rows, length) for k, v in caches]
         mask = (torch.arange(length, device=self.device) <= positions[:, :, None])[:, None]  # [B, 1, T, length]
         slots = positions if slots is None else slots
-        logits, hidden = self.model(tokens, positions, mask, slots, self.hidden_layer, tail=1, caches=kv, last=last)
+        logits, hidden = self.model(tokens, positions, mask, slots, self.hidden_layer, tail=1, caches=kv, last=last,
+                                    packing=packing)
         return logits[:, -1], None if hidden is None else hidden[:, -1]
 
     @torch.inference_mode()
