@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from memdec_fast.engine.step import ModelStep, batch_bucket, length_bucket
+from memdec_fast.engine.threads import ThreadGovernor
 from memdec_fast.generation import hf_args
 from memdec_fast.generation.outputs import Ending, GenerationResult, Row
 from memdec_fast.generation.requests import (
@@ -205,10 +206,14 @@ class JointGenerator:
         with self._exclusive():
             length = max(len(r) for r in rows) + ending.max_new_tokens - 1  # the last token needs no forward
             session = self._session(rows, length, params, seed, penalty)
+            # on the CPU, this (the caller's) thread's steps run on the cores other processes leave free
+            governor = ThreadGovernor() if self.pair.device.type == "cpu" else None
             try:
                 live = list(range(len(rows)))  # original index of each computed row
                 tokens, logprobs = session.start()
                 for step in range(ending.max_new_tokens):
+                    if governor is not None:
+                        governor.update()
                     for r, t, lp in zip(live, tokens, logprobs):
                         if out[r].finish_reason is not None:
                             continue
@@ -225,6 +230,8 @@ class JointGenerator:
                     tokens, logprobs = session.step_rows(tokens)
             finally:
                 session.close()
+                if governor is not None:
+                    governor.restore()
 
     def _start(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, seed, stop, lmbda, track_text,
                do_sample=None, max_length=None, repetition_penalty=1.0, num_return_sequences=1):
