@@ -197,7 +197,7 @@ def probes(ckpts, tmp_path_factory) -> dict:
              "new_tokens": lambda v: ([2], [1], v, 1), "repeats": lambda v: ([2], [1], 2, v)}
     for name, args in bench.items():
         out[f"bench.{name}"] = (lambda v, a=args: _accepts(lambda: run_bench(gen, *a(v))), False)
-    for name in ("max_batch", "max_queue", "prefill_chunk", "max_context"):
+    for name in ("max_batch", "max_queue", "prefill_chunk", "prefill_steps", "max_context"):
         out[f"engine.{name}"] = (lambda v, n=name: _accepts(lambda: Engine(gen, **{n: v})), False)
 
     from memdec_fast.train import TrainConfig, build_datastore, build_knn_targets, train_mlp_memory

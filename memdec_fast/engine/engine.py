@@ -31,6 +31,7 @@ from concurrent.futures import Future
 
 import torch
 
+from memdec_fast import ranges
 from memdec_fast.engine.bridge import FutureSink, RequestStream, StreamChannel
 from memdec_fast.engine.scheduler import Request, Scheduler, Sink
 from memdec_fast.engine.step import ModelStep
@@ -134,9 +135,8 @@ class Engine:
                                  ("prefill_chunk", prefill_chunk, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-        if prefill_steps is not None and (isinstance(prefill_steps, bool) or not isinstance(prefill_steps, (int, float))
-                                          or not 0 < prefill_steps < float("inf")):
-            raise ValueError(f"prefill_steps: expected a finite number > 0 or None, got {prefill_steps!r}")
+        if prefill_steps is not None:
+            ranges.check("engine.prefill_steps", prefill_steps)
         if isinstance(pair, Mapping):
             checks.check_memory_names(list(pair))
             self.memories = dict(pair)
@@ -172,7 +172,7 @@ class Engine:
         cls, base: str | os.PathLike, memory: str | os.PathLike | None = None, *,
         memories: Mapping[str, str | os.PathLike | Mapping] | None = None, cuda_graphs: bool = True,
         max_batch: int = 32, max_queue: int = 256, prefill_chunk: int = PREFILL_CHUNK, max_context: int | None = None,
-        **load,
+        prefill_steps: float | None = None, **load,
     ) -> Engine:
         """Load a base and its memory (or several named memories over it) and wrap them in an Engine.
 
@@ -182,7 +182,7 @@ class Engine:
         memories : {name: path or {"path", "memory_type", "lmbda", "knn_temp"}}, instead of `memory`
             Several memories over one base, loaded once (see :meth:`ModelPair.share_base`): requests
             pick one by name. Each memory's lmbda and knn_temp default to its stored values.
-        cuda_graphs, max_batch, max_queue, prefill_chunk, max_context :
+        cuda_graphs, max_batch, max_queue, prefill_chunk, max_context, prefill_steps :
             As in :class:`Engine`.
         **load :
             memory_type, lmbda, knn_temp (default: the values stored with the memory), base_temp,
@@ -198,7 +198,7 @@ class Engine:
         pair = ModelPair.from_pretrained(base, memory, **load) if memories is None else ModelPair.share_base(
             base, memories, **load)
         return cls(pair, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                   cuda_graphs=cuda_graphs, max_context=max_context)
+                   cuda_graphs=cuda_graphs, max_context=max_context, prefill_steps=prefill_steps)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
