@@ -285,7 +285,7 @@ def plot_memories(result: dict, path: Path) -> None:
 
 
 def run_dtype(base: Path, memory: Path, tok, device: str, dtype: str, reqs: list[dict], counts: dict[int, int],
-              prefill_chunk: int | None) -> dict:
+              prefill_chunk: int | None, prefill_steps: float | None = None) -> dict:
     """Baseline and every concurrency level, for one dtype."""
     kw = {"lmbda": LMBDA, "knn_temp": KNN_TEMP, "device": device, "dtype": getattr(torch, dtype), "tokenizer": tok}
     gen = JointGenerator.from_pretrained(base, memory, **kw)
@@ -295,7 +295,7 @@ def run_dtype(base: Path, memory: Path, tok, device: str, dtype: str, reqs: list
     baseline = run_baseline(gen, reqs[:n_base])
     print(json.dumps(baseline), file=sys.stderr)
     del gen
-    extra = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
+    extra = {k: v for k, v in (("prefill_chunk", prefill_chunk), ("prefill_steps", prefill_steps)) if v is not None}
     engine = Engine.from_pretrained(base, memory, max_batch=max(counts), max_queue=len(reqs), **kw, **extra)
     try:
         engine.submit(reqs[0]["prompt"][:8], max_new_tokens=2).result()  # warm-up
@@ -303,7 +303,7 @@ def run_dtype(base: Path, memory: Path, tok, device: str, dtype: str, reqs: list
     finally:
         engine.close(timeout=0)
     return {"dtype": dtype, "engine": {"max_batch": engine.max_batch, "max_queue": engine.max_queue,
-                                       "prefill_chunk": engine.prefill_chunk},
+                                       "prefill_chunk": engine.prefill_chunk, "prefill_steps": prefill_steps},
             "baseline": baseline, "levels": levels, "targets": targets(levels, baseline)}
 
 
@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="one run per dtype; the first one's targets are the headline")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--prefill-chunk", type=int, help="the engine's prefill chunk (default: the engine's)")
+    p.add_argument("--prefill-steps", type=float, help="the engine's prefill_steps (default: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memories", type=int,
                    help="N >= 2: one Memory Decoder against N over one base, and their RSS (see the docstring)")
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
             mems = [memory] + [memory.with_name(f"memory{i}") for i in range(2, args.memories + 1)]
             runs = [run_memories(base, mems, device, dt, reqs, counts, args.prefill_chunk) for dt in args.dtype]
         else:
-            runs = [run_dtype(base, memory, tok, device, dt, reqs, counts, args.prefill_chunk) for dt in args.dtype]
+            runs = [run_dtype(base, memory, tok, device, dt, reqs, counts, args.prefill_chunk, args.prefill_steps)
+                    for dt in args.dtype]
     result = {
         "benchmark": "bench_serve", "driven": "engine directly (Engine.stream), no HTTP",
         "pair": ("tiny random pair" if args.quick else "gpt2-small-shaped random base + Memory Decoder (12x768 each)")
@@ -417,6 +419,14 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "targets": {"dtype": runs[0]["dtype"], **runs[0]["targets"]},  # the headline run's
     }
+    by_dtype = {run["dtype"]: run for run in runs if "levels" in run and isinstance(run["levels"], list)}
+    if {"float32", "bfloat16"} <= set(by_dtype):  # issue 22: bfloat16 at least 1.5x float32 at concurrency 32
+        c = result["targets"]["concurrency"]
+        rate = {dt: next(lv["output_tokens_per_s"] for lv in by_dtype[dt]["levels"] if lv["concurrency"] == c)
+                for dt in ("float32", "bfloat16")}
+        ratio = rate["bfloat16"] / rate["float32"]
+        result["targets"] |= {"bfloat16_over_float32": round(ratio, 2), "bfloat16_target": 1.5,
+                              "bfloat16_met": ratio >= 1.5}
     if args.memories:
         result["mode"] = f"--memories {args.memories}: one Memory Decoder vs {args.memories} over one base"
     if args.out:
