@@ -120,6 +120,41 @@ def test_decoding_some_rows_alone_gives_their_rows_of_the_full_step(ckpts, memor
         step.decode_rows(slots, [1, 2, 3], [5, 5, 5])
 
 
+@pytest.mark.parametrize("memory", ["decoder", "mlp"])
+def test_a_prefill_and_a_decode_step_in_one_forward_equal_the_two_apart(ckpts, memory):
+    gen = JointGenerator.from_pretrained(ckpts["base"], ckpts[memory], lmbda=0.4, cuda_graphs=False)
+    steps = [ModelStep(gen.pair, context=32, max_batch=7, cuda_graphs=False) for _ in range(2)]
+    prompts = {0: [3, 9], 1: [4, 9, 5, 7], 2: [5, 9, 9], 4: [7, 9, 17, 7], 5: [1, 2, 3]}  # 5 is still in prefill
+    for step in steps:
+        step.set_params(0, {"temperature": 0.0}, rows=7)  # greedy
+        step.prefill([(s, p, 0) for s, p in prompts.items()])
+    # slot 3 starts its prompt, slot 5 goes on with its own; slot 6 is free (a dummy row)
+    chunks = [(3, [8, 6, 7, 2, 9], 0), (5, [4, 5, 6, 7], 3)]
+    tokens = [11, 12, 13, 0, 15, 0, 0]
+    positions = [len(prompts.get(s, ())) for s in range(7)]
+    apart, fused = steps
+    want_prefill = apart.prefill(chunks)
+    after = [5 if s == 3 else 7 if s == 5 else p for s, p in enumerate(positions)]  # past the chunks just read
+    want_decode, want_tokens, _ = apart.decode(tokens, after)
+    got, got_tokens, _ = fused.prefill_decode(chunks, tokens, positions)  # the chunks stand in for rows 3 and 5
+    for i, s in enumerate((3, 5)):
+        for model in (0, 1):
+            torch.testing.assert_close(got[model][s], want_prefill[model][i], atol=1e-5, rtol=1e-5)
+    for s in (0, 1, 2, 4):
+        for model in (0, 1):
+            torch.testing.assert_close(got[model][s], want_decode[model][s], atol=1e-5, rtol=1e-5)
+        assert got_tokens[s] == want_tokens[s]
+    # the caches hold the same: the next step agrees on every row, the prompts just read included
+    nxt_tokens, nxt_positions = [21, 22, 23, 24, 25, 26, 0], [3, 5, 4, 5, 5, 7, 0]
+    want, _, _ = apart.decode(nxt_tokens, nxt_positions)
+    got, _, _ = fused.decode(nxt_tokens, nxt_positions)
+    for model in (0, 1):
+        torch.testing.assert_close(got[model][:6], want[model][:6], atol=1e-5, rtol=1e-5)
+    fused.replay = True
+    with pytest.raises(RuntimeError, match="prefill_decode"):
+        fused.prefill_decode(chunks, tokens, positions)
+
+
 def test_a_call_that_wrote_nan_into_the_caches_does_not_poison_the_next(ckpts):
     gen = JointGenerator.from_pretrained(ckpts["base"], ckpts["decoder"], lmbda=0.4, cuda_graphs=False)
     want = gen.generate(PROMPTS, max_new_tokens=6)

@@ -375,6 +375,38 @@ def test_long_prompt_prefills_in_chunks_while_a_stream_keeps_decoding(long_ckpts
     assert_equals_alone(outs[1], long_ref, long_prompt, max_new_tokens=6)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_prompt_chunks_and_decode_rows_share_one_forward_or_run_apart_when_it_fails(long_ckpts, long_ref, tokenizer,
+                                                                                   monkeypatch, caplog, fails):
+    calls = []
+    together = ModelStep.prefill_decode
+
+    def spy(self, *args):
+        calls.append(args)
+        if fails:
+            raise RuntimeError("boom")
+        return together(self, *args)
+
+    monkeypatch.setattr(ModelStep, "prefill_decode", spy)
+    sampled = {"temperature": 0.9, "top_p": 0.9}
+    kws = [{"max_new_tokens": 40, "seed": 3, **sampled}, {"max_new_tokens": 6}, {"max_new_tokens": 5, "seed": 5,
+                                                                                 **sampled}]
+    prompts = [PROMPTS[1], tokenizer.encode(" ".join(PROMPTS))[:22], PROMPTS[2]]
+    with (caplog.at_level(logging.WARNING, logger=engine_module.__name__),
+          Engine(load(long_ckpts, "mlp"), max_batch=3, prefill_chunk=4) as engine):
+        running = engine.submit(prompts[0], **kws[0])  # seeded: draws from its own generator in every step
+        wait_until(lambda: engine.stats["tokens"] >= 1)
+        late = [engine.submit(p, **kw) for p, kw in zip(prompts[1:], kws[1:])]
+        outs = [running.result(WAIT), *(f.result(WAIT) for f in late)]
+        steps = list(engine.trace)
+    # steps that read prompt chunks while others decode (a prompt completing alone decodes in its own step, apart)
+    both = [s for s in steps if s["prefill"] and set(s["decode"]) - {rid for rid, _, _ in s["prefill"]}]
+    assert len(calls) == len(both) >= 6  # every step with both, in one forward (22 + 3 prompt tokens, 4 a step)
+    assert ("running them apart" in caplog.text) == fails
+    for out, p, kw in zip(outs, prompts, kws):
+        assert_equals_alone(out, long_ref, p, **kw)
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
 def test_prefill_steps_must_be_a_positive_number(ckpts, bad):
     with pytest.raises(ValueError, match="prefill_steps"):

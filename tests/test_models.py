@@ -226,6 +226,45 @@ def test_attend_equals_float64_attention_over_strided_cache_views(rows, heads, q
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-6)
 
 
+@pytest.mark.parametrize(("lengths", "kv_heads", "group", "rows"), [
+    ((1, 5, 1, 1, 3, 1, 1, 1, 1), 2, 1, "slice"),  # decode rows and prompt chunks of two lengths, cache views
+    ((4, 1, 1, 4, 1, 1, 1, 1, 1, 1), 2, 3, "index"),  # grouped queries; chunks of one length; gathered cache rows
+    ((1, 2, 1), 1, 2, "slice"),  # fewer rows than a CPU decode step's matmul path
+    ((3, 5, 2), 2, 1, "slice"),  # no one-token row: an ordinary packed prefill
+])
+def test_attend_cache_over_packed_rows_of_mixed_lengths_equals_float64_attention(lengths, kv_heads, group, rows):
+    from memdec_fast.models.cache import SlotCache, attend_cache
+
+    g = torch.Generator().manual_seed(sum(lengths) * 10 + group)
+    B, T, S, D = len(lengths), max(lengths) + 1, 41, 8  # one column more than the longest row: every row padded
+    start = torch.randint(0, S - T, (B,), generator=g)  # each row's first position
+    pos = start[:, None] + torch.arange(T)  # [B, T]
+    cache_k, cache_v = (torch.randn(B + 3, kv_heads, S + 1, D, generator=g) for _ in range(2))  # S: scratch
+    want_k, want_v = cache_k.clone().double(), cache_v.clone().double()
+    cache_rows = slice(1, B + 1) if rows == "slice" else torch.randperm(B + 3, generator=g)[:B]
+    packing = Packing.of(list(lengths), T, torch.device("cpu"))
+    N = sum(lengths)
+    q = torch.randn(N, kv_heads * group, D, generator=g)  # the real tokens only, packed
+    k, v = (torch.randn(N, kv_heads, D, generator=g) for _ in range(2))
+    mask = (torch.arange(S) <= pos[:, :, None])[:, None]  # [B, 1, T, S]
+    slots = torch.where(torch.arange(T) < torch.tensor(lengths)[:, None], pos, S)  # padding to the scratch slot
+    got = attend_cache(q, k, v, mask, slots, SlotCache(cache_k, cache_v, cache_rows, S), 0.3, packing)
+    assert got.shape == q.shape and (packing.mixed is not None) == (1 in lengths)
+    idx = list(range(B + 3))[cache_rows] if rows == "slice" else cache_rows.tolist()
+    at = 0
+    for b, n in enumerate(lengths):  # float64, row by row: write the row's keys, attend over its slots
+        r, p = idx[b], pos[b, :n]
+        want_k[r, :, p], want_v[r, :, p] = k[at : at + n].double().transpose(0, 1), v[at : at + n].double().transpose(0, 1)
+        kk, vv = (t[r, :, :S].repeat_interleave(group, 0) for t in (want_k, want_v))  # [H, S, Dh]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[at : at + n].double().transpose(0, 1), kk, vv, attn_mask=mask[b, 0, :n], scale=0.3)  # [H, n, Dh]
+        torch.testing.assert_close(got[at : at + n].double(), want.transpose(0, 1), atol=2e-6, rtol=2e-6)
+        at += n
+    for r in set(idx):  # the cache holds every real token's keys and values, nothing else changed
+        torch.testing.assert_close(cache_k[r, :, :S].double(), want_k[r, :, :S])
+        torch.testing.assert_close(cache_v[r, :, :S].double(), want_v[r, :, :S])
+
+
 def test_packing_keeps_the_real_tokens_and_restores_the_padded_layout():
     assert Packing.of([3, 3], 3, torch.device("cpu")) is None  # nothing padded: nothing to pack
     packing = Packing.of([2, 5, 1], 5, torch.device("cpu"))
@@ -235,6 +274,9 @@ def test_packing_keeps_the_real_tokens_and_restores_the_padded_layout():
     back = packing.unpack(packed)
     assert torch.equal(back[1], x[1]) and torch.equal(back[0, :2], x[0, :2]) and not back[0, 2:].any()
     assert packing.select([1]) is None and packing.select([2, 0]).lengths == (1, 2)
+    assert packing.mixed.rows.tolist() == [0, 1] and packing.mixed.first.tolist() == [0, 2, 7]
+    assert packing.mixed.tokens.tolist() == list(range(7)) and packing.mixed.packing.lengths == (2, 5)
+    assert Packing.of([2, 3], 3, torch.device("cpu")).mixed is None  # no one-token row: a plain prefill
 
 
 def test_a_packed_prefill_equals_the_padded_one_and_so_do_the_steps_after_it(ckpts):

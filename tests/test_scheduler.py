@@ -60,6 +60,19 @@ def test_costs_are_moving_averages_that_follow_a_slower_host():
     assert budget.token_seconds == pytest.approx(0.008, rel=0.01)
 
 
+def test_a_step_of_prefill_and_decode_together_charges_the_prompt_tokens_what_it_took_beyond_a_decode_step():
+    budget = PrefillBudget(cap=512, steps=1.0)
+    budget.mixed(tokens=10, seconds=0.3)  # no decode step measured yet: nothing to subtract, nothing learnt
+    assert budget.token_seconds is None
+    budget.decoded(seconds=0.1)
+    budget.mixed(tokens=10, seconds=0.3)
+    assert budget.token_seconds == pytest.approx(0.02)  # (0.3 - 0.1) / 10
+    assert budget.tokens(decoding=True) == MIN_PREFILL  # 5 fit one step: clamped up
+    budget.mixed(tokens=10, seconds=0.05)  # faster than a decode step alone (noise): a cost of 0, never negative
+    assert budget.token_seconds == pytest.approx(0.015)
+    assert budget.step_seconds == pytest.approx(0.1)  # only decode steps alone measure a decode step
+
+
 def admitted(sched: Scheduler, *reqs: Request) -> None:
     for r in reqs:
         sched.add(r)

@@ -9,7 +9,8 @@ One background thread owns the models and runs the loop; each iteration (an engi
    so running streams keep getting one token per step while it is read; a request whose prompt is
    complete samples its first token;
 3. runs one decode step over every decoding request (see :mod:`memdec_fast.engine.step`), and
-   retires the ones that finished.
+   retires the ones that finished. Where steps do not replay as CUDA graphs (the CPU), a step with
+   both runs them in one forward, and a request whose prompt completes there decodes from the next step.
 
 Callers reach it from any thread (:meth:`Engine.submit`) or event loop (:meth:`Engine.generate`,
 :meth:`Engine.stream`); errors cross as the typed exceptions of :mod:`memdec_fast.engine.types`.
@@ -444,39 +445,82 @@ class Engine:
         sched, step = self._sched, self._step
         plan = sched.prefill_plan()
         record = {"prefill": [], "decode": [], "budget": sched.step_budget}
-        started = time.perf_counter()
+        if not (plan and not step.replay and self._prefill_decode(plan, sched.decode_rows(), record)):
+            self._prefill(plan, record)
+            self._decode_step(sched.decode_rows(), record)
+        self.stats["steps"] += 1
+        self.trace.append(record)
+
+    def _prefill(self, plan: list[tuple[Request, int, int]], record: dict) -> None:
+        """Prefill the plan's chunks in one forward (each alone when that fails); a request whose prompt is
+        complete samples its first token."""
+        step, started = self._step, time.perf_counter()
         for (req, start, end), logits in self._isolated(
             plan, lambda part: step.prefill([(r.slot, r.prompt[a:b], a) for r, a, b in part])
         ):
-            self.stats["prefill_chunks"] += 1
-            req.computed = end
-            record["prefill"].append((req.request_id, start, end))
-            self.stats["prefill_tokens"] += end - start
+            self._prefilled(req, start, end, record)
             if end == len(req.prompt):
                 self._guard(req, lambda r=req, lg=logits: self._emit(r, *step.sample_one(lg, r.params, r.rng)))
-        sched.budget.prefilled(sum(end - start for _, start, end in plan), time.perf_counter() - started)
-        rows = sched.decode_rows()
-        if rows:
-            started = time.perf_counter()
-            try:
-                out_tokens, out_logprobs = self._decode(rows)
-            except Exception as err:  # noqa: BLE001 - find the row that fails: run each alone
-                logger.warning("memdec_fast engine: a decode step of %d rows failed (%r); running them one by one",
-                               len(rows), err)
-                out = {}
-                for r in rows:
-                    self._guard(r, lambda r=r: out.__setitem__(r.slot, step.decode_one(
-                        r.slot, r.row.token_ids[-1], r.position, r.params, r.rng)))
-                rows = [r for r in rows if r.slot in out]
-                out_tokens, out_logprobs = ({r.slot: out[r.slot][i] for r in rows} for i in (0, 1))
-            else:
-                sched.budget.decoded(time.perf_counter() - started)
-            self.stats["decode_steps"] += 1
+        self._sched.budget.prefilled(sum(end - start for _, start, end in plan), time.perf_counter() - started)
+
+    def _prefilled(self, req: Request, start: int, end: int, record: dict) -> None:
+        self.stats["prefill_chunks"] += 1
+        self.stats["prefill_tokens"] += end - start
+        req.computed = end
+        record["prefill"].append((req.request_id, start, end))
+
+    def _decode_step(self, rows: list[Request], record: dict) -> None:
+        """One decode step of `rows` (each alone when the batch fails), their tokens emitted."""
+        if not rows:
+            return
+        step, started = self._step, time.perf_counter()
+        try:
+            out_tokens, out_logprobs = self._decode(rows)
+        except Exception as err:  # noqa: BLE001 - find the row that fails: run each alone
+            logger.warning("memdec_fast engine: a decode step of %d rows failed (%r); running them one by one",
+                           len(rows), err)
+            out = {}
             for r in rows:
-                record["decode"].append(r.request_id)
-                self._guard(r, lambda r=r: self._emit(r, out_tokens[r.slot], out_logprobs[r.slot]))
-        self.stats["steps"] += 1
-        self.trace.append(record)
+                self._guard(r, lambda r=r: out.__setitem__(r.slot, step.decode_one(
+                    r.slot, r.row.token_ids[-1], r.position, r.params, r.rng)))
+            rows = [r for r in rows if r.slot in out]
+            out_tokens, out_logprobs = ({r.slot: out[r.slot][i] for r in rows} for i in (0, 1))
+        else:
+            self._sched.budget.decoded(time.perf_counter() - started)
+        self.stats["decode_steps"] += 1
+        for r in rows:
+            record["decode"].append(r.request_id)
+            self._guard(r, lambda r=r: self._emit(r, out_tokens[r.slot], out_logprobs[r.slot]))
+
+    def _prefill_decode(self, plan: list[tuple[Request, int, int]], rows: list[Request], record: dict) -> bool:
+        """The plan's chunks and a decode step of `rows` in one eager forward (:meth:`ModelStep.prefill_decode`):
+        the decoding rows and the requests whose prompt completes emit a token. False, with nothing changed,
+        when there is nothing to decode or the forward fails (the caller then runs them apart, each failure
+        isolated)."""
+        if not rows:
+            return False
+        started = time.perf_counter()
+        busy = [r for r in self._sched.admitted if r.slot is not None]
+        tokens, positions = [0] * (max(r.slot for r in busy) + 1), [0] * (max(r.slot for r in busy) + 1)
+        for r in busy:  # a request in prefill but not in the plan feeds a dummy token where its next chunk writes
+            positions[r.slot] = r.position
+        for r in rows:
+            tokens[r.slot] = r.row.token_ids[-1]
+        try:
+            logits, toks, lps = self._step.prefill_decode([(r.slot, r.prompt[a:b], a) for r, a, b in plan], tokens,
+                                                          positions)
+        except Exception as err:  # noqa: BLE001 - run them apart, where a failure stays with its request
+            logger.warning("memdec_fast engine: a step of %d prompt chunks and %d decode rows failed (%r); running "
+                           "them apart", len(plan), len(rows), err)
+            return False
+        self._sched.budget.mixed(sum(end - start for _, start, end in plan), time.perf_counter() - started)
+        for req, start, end in plan:
+            self._prefilled(req, start, end, record)
+        self.stats["decode_steps"] += 1
+        record["decode"] = [r.request_id for r in rows]
+        for r in rows + [req for req, _, end in plan if end == len(req.prompt)]:
+            self._guard(r, lambda r=r: self._emit(r, *self._own_draw(r, logits, toks, lps, r.slot)))
+        return True
 
     def _decode(self, rows: list[Request]) -> tuple[dict[int, int], dict[int, float]]:
         """One batched decode step of `rows`; each slot's token and log p.
@@ -499,13 +543,15 @@ class Engine:
                 tokens[r.slot] = r.row.token_ids[-1]
             logits, toks, lps = self._step.decode(tokens, positions)
             at = {r.slot: r.slot for r in rows}
-        out_tokens, out_logprobs = {r.slot: toks[at[r.slot]] for r in rows}, {r.slot: lps[at[r.slot]] for r in rows}
-        for r in rows:  # a seeded request draws from its own generator, as it would alone
-            if r.rng is not None:
-                i = at[r.slot]
-                row_logits = (logits[0][i : i + 1], logits[1][i : i + 1])
-                out_tokens[r.slot], out_logprobs[r.slot] = self._step.sample_one(row_logits, r.params, r.rng)
-        return out_tokens, out_logprobs
+        draws = {r.slot: self._own_draw(r, logits, toks, lps, at[r.slot]) for r in rows}
+        return {slot: d[0] for slot, d in draws.items()}, {slot: d[1] for slot, d in draws.items()}
+
+    def _own_draw(self, req: Request, logits, toks: list[int], lps: list[float], i: int) -> tuple[int, float]:
+        """`req`'s token and log p from row i of a batched step's draws; a seeded request draws again from its own
+        generator, as it would alone."""
+        if req.rng is None:
+            return toks[i], lps[i]
+        return self._step.sample_one((logits[0][i : i + 1], logits[1][i : i + 1]), req.params, req.rng)
 
     def _isolated(self, plan: list, run) -> list:
         """[(item, logits of that item)] of run(plan); when the batch fails, each item runs alone and the ones

@@ -107,6 +107,12 @@ class PrefillBudget:
         if tokens > 0:
             self.token_seconds = self._mix(self.token_seconds, seconds / tokens)
 
+    def mixed(self, tokens: int, seconds: float) -> None:
+        """A step that prefilled `tokens` prompt tokens beside its decode rows, in one forward, took `seconds`: the
+        prompt tokens cost what it took beyond a decode step."""
+        if tokens > 0 and self.step_seconds is not None:
+            self.token_seconds = self._mix(self.token_seconds, max(seconds - self.step_seconds, 0.0) / tokens)
+
     def decoded(self, seconds: float) -> None:
         """A decode step took `seconds`."""
         self.step_seconds = self._mix(self.step_seconds, seconds)

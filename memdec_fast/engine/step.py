@@ -1,6 +1,6 @@
 """The one decode step: a model pair's work over cache slots, for the Engine and JointGenerator alike.
 
-Each step is one prefill of prompt chunks, or one decode step of every busy slot.
+Each step is one prefill of prompt chunks, one decode step of every busy slot, or (eagerly) both in one forward.
 
 Caches: per model and block, (k, v) [max_batch, H, S + 1, Dh] with S the engine's context; row i is
 slot i. A request's token at position p is written to slot p of its row, so requests of any lengths
@@ -8,6 +8,8 @@ share one batch without left padding (see :meth:`memdec_fast.models.LeanRunner.s
 is scratch: the right padding of a batched prefill writes there, and attention never reads it.
 
 Prefill: the chunks of one engine step, from any number of requests, run as one right-padded forward.
+An eager step (no CUDA graphs) runs them together with the step's decode rows, in one forward
+(:meth:`ModelStep.prefill_decode`).
 
 A decode step runs rows [0, Bk) and reads cache slots [0, L). Replayed as CUDA graphs, Bk is the
 batch bucket (next power of two, capped at max_batch) of the highest busy slot + 1 and L the length
@@ -246,20 +248,45 @@ class ModelStep:
         chunks: (slot, tokens, start): tokens go to positions [start, start + len(tokens)) of that
         slot. Returns (base_logits, mem_logits) [len(chunks), V], row i after chunk i's last token.
         """
-        B, T = len(chunks), max(len(t) for _, t, _ in chunks)
+        rows = torch.tensor([slot for slot, _, _ in chunks], device=self.device)  # [B]
+        return self._forward(**self._padded([(t, start) for _, t, start in chunks]), rows=rows,
+                             slot_ids=[slot for slot, _, _ in chunks])
+
+    @torch.inference_mode()
+    def prefill_decode(self, chunks: list[tuple[int, list[int], int]], tokens: list[int], positions: list[int]
+                       ) -> tuple[Logits, list[int], list[float]]:
+        """A prefill and a decode step in one eager forward over rows [0, len(tokens)): each row feeds its
+        prompt chunk when `chunks` names its slot (as in :meth:`prefill`), else its token at its position
+        (as in :meth:`decode`). Every linear layer then reads its weights once for both, and attention runs
+        the one-token rows as a decode step (:func:`memdec_fast.models.cache.attend`).
+
+        Returns the logits after each row's last token (two [rows, V]) and each row's token and log p, drawn
+        in one batched call with the parameter table and :attr:`rng`, as :meth:`decode` does.
+        """
+        if self.replay:
+            raise RuntimeError("prefill_decode: steps that replay as CUDA graphs prefill and decode apart")
+        seqs = [([t], p) for t, p in zip(tokens, positions)]
+        for slot, chunk, start in chunks:
+            seqs[slot] = (chunk, start)
+        rows = len(tokens)
+        logits = self._forward(**self._padded(seqs), rows=slice(0, rows), slot_ids=range(rows))
+        out_tokens, out_logprobs = self._sample_table(*logits, self.table[:rows])
+        return logits, out_tokens.tolist(), out_logprobs.tolist()
+
+    def _padded(self, seqs: list[tuple[list[int], int]]) -> dict:
+        """The right-padded batch of token runs (tokens, start) as :meth:`_forward`'s keyword arguments."""
+        B, T = len(seqs), max(len(t) for t, _ in seqs)
         ids = torch.zeros(B, T, dtype=torch.int64)  # [B, T]; padding: token 0 ...
         pos = torch.zeros(B, T, dtype=torch.int64)  # ... at position 0 (it attends slot 0 only) ...
         slots = torch.full((B, T), self.context, dtype=torch.int64)  # ... written to the scratch slot
-        for i, (_, tokens, start) in enumerate(chunks):
+        for i, (tokens, start) in enumerate(seqs):
             n = len(tokens)
             ids[i, :n] = torch.tensor(tokens)
             pos[i, :n] = slots[i, :n] = torch.arange(start, start + n)
-        rows = torch.tensor([slot for slot, _, _ in chunks])  # [B]
-        last = torch.tensor([len(t) - 1 for _, t, _ in chunks])  # [B]
-        length = max(start + len(t) for _, t, start in chunks)
-        ids, pos, slots, rows, last = (x.to(self.device) for x in (ids, pos, slots, rows, last))
-        packing = Packing.of([len(t) for _, t, _ in chunks], T, self.device)  # the blocks skip the padding
-        return self._forward(ids, pos, rows, length, slots, last, [slot for slot, _, _ in chunks], packing)
+        last = torch.tensor([len(t) - 1 for t, _ in seqs])  # [B]
+        return {"tokens": ids.to(self.device), "positions": pos.to(self.device), "slots": slots.to(self.device),
+                "last": last.to(self.device), "length": max(start + len(t) for t, start in seqs),
+                "packing": Packing.of([len(t) for t, _ in seqs], T, self.device)}  # the blocks skip the padding
 
     # -- decode -----------------------------------------------------------------------------------
 

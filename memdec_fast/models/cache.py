@@ -5,6 +5,7 @@ place, so that a CUDA graph may hold its addresses.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -23,17 +24,34 @@ def keep_positions(x: torch.Tensor, hidden: torch.Tensor | None, last: torch.Ten
     return x, hidden
 
 
+class Mixed(NamedTuple):
+    """The rows of a packed batch that mixes one-token rows (decode) with longer ones (prompt chunks), as
+    :func:`attend_cache` splits them: every row's first token attends as a decode step, the longer rows again over
+    all their tokens.
+
+    first: [B] each row's first token in the packed [N]; rows: [R] the longer rows; tokens: [N_R] their tokens in the
+    packed [N]; packing: theirs among themselves (None when they have one length).
+    """
+
+    first: torch.Tensor
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    packing: Packing | None
+
+
 class Packing(NamedTuple):
     """The real tokens of a right-padded batch [B, T]: the lean models run their linear layers over these N tokens
     only (a prefill of chunks of unequal lengths spends no GEMM rows on padding) and lay them out as [B, T] again
     for attention.
 
-    lengths: real tokens per row (on the host); width: T; idx: [N] their flat indices in B * T.
+    lengths: real tokens per row (on the host); width: T; idx: [N] their flat indices in B * T; mixed: where one-token
+    rows sit beside longer ones (a prefill and a decode step in one forward), else None.
     """
 
     lengths: tuple[int, ...]
     width: int
     idx: torch.Tensor
+    mixed: Mixed | None = None
 
     @classmethod
     def of(cls, lengths: list[int], width: int, device: torch.device) -> Packing | None:
@@ -41,7 +59,14 @@ class Packing(NamedTuple):
         if all(n == width for n in lengths):
             return None
         idx = torch.cat([torch.arange(b * width, b * width + n) for b, n in enumerate(lengths)])
-        return cls(tuple(lengths), width, idx.to(device))
+        longer = [b for b, n in enumerate(lengths) if n > 1]
+        mixed = None
+        if 0 < len(longer) < len(lengths):
+            first = [0, *itertools.accumulate(lengths)][:-1]
+            tokens = torch.cat([torch.arange(first[b], first[b] + lengths[b]) for b in longer])
+            sub = Packing.of([lengths[b] for b in longer], width, device)
+            mixed = Mixed(*(torch.tensor(x, device=device) for x in (first, longer)), tokens.to(device), sub)
+        return cls(tuple(lengths), width, idx.to(device), mixed)
 
     def select(self, rows: list[int]) -> Packing | None:
         """The packing of a subset of the rows, in that order."""
@@ -55,6 +80,11 @@ class Packing(NamedTuple):
         """[N, ...] -> [B, T, ...], zeros at the padding."""
         out = x.new_zeros(len(self.lengths) * self.width, *x.shape[1:])
         return out.index_copy_(0, self.idx, x).view(len(self.lengths), self.width, *x.shape[1:])
+
+
+def unpack(packing: Packing | None, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """[N, ...] -> [rows, T, ...]: :meth:`Packing.unpack`, or a view when `packing` is None (no row padded)."""
+    return x.view(rows, -1, *x.shape[1:]) if packing is None else packing.unpack(x)
 
 
 class SlotCache(NamedTuple):
@@ -93,17 +123,61 @@ DECODE_ROWS = 8
 benchmarks/NOTES.md, "Engine speed": 0.58 against 0.99 ms per block at 32 rows over 128 slots, even at 8)."""
 
 
+def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None,
+                 cache: SlotCache | None, scale: float | None = None, packing: Packing | None = None) -> torch.Tensor:
+    """Write the batch's keys and values into `cache` at `slots` (:func:`write_rows`), then attend its queries over
+    the cache rows (:func:`attend`); without a cache, attend over the batch's own keys and values under `mask`.
+
+    Without `packing`: q [B, Hq, T, Dh], k, v [B, Hkv, T, Dh] -> [B, Hq, T, Dh]. With it: the real tokens only,
+    q [N, Hq, Dh], k, v [N, Hkv, Dh] -> [N, Hq, Dh]; a batch that mixes one-token rows with longer ones
+    (:class:`Mixed`) attends every row's first token as a decode step over all rows (cache views, no copy) and
+    then only the longer rows over all their tokens (their caches gathered), instead of padding every row to the
+    longest. Hq = G * Hkv: the G query heads of a KV head read it once. mask: [B, 1, T, S]; slots: [B, T].
+    """
+    if packing is None:
+        return _attend_cache(q, k, v, mask, slots, cache, scale)
+    m = packing.mixed
+    if m is None:
+        q, k, v = (packing.unpack(t).transpose(1, 2) for t in (q, k, v))  # [B, H, T, Dh]
+        return packing.pack(_attend_cache(q, k, v, mask, slots, cache, scale).transpose(1, 2))
+    y = torch.empty_like(q)  # [N, Hq, Dh]; every token is written below
+    q1, k1, v1 = (t.index_select(0, m.first)[:, :, None] for t in (q, k, v))  # [B, H, 1, Dh]
+    y[m.first] = _attend_cache(q1, k1, v1, mask[:, :, :1], slots[:, :1], cache, scale)[:, :, 0]
+    R = m.rows.shape[0]
+    q, k, v = (unpack(m.packing, t.index_select(0, m.tokens), R).transpose(1, 2) for t in (q, k, v))  # [R, H, T', Dh]
+    T = q.shape[2]
+    rows = m.rows + cache.rows.start if isinstance(cache.rows, slice) else cache.rows.index_select(0, m.rows)
+    out = _attend_cache(q, k, v, mask.index_select(0, m.rows)[:, :, :T], slots.index_select(0, m.rows)[:, :T],
+                        cache._replace(rows=rows), scale).transpose(1, 2)  # [R, T', Hq, Dh]
+    y[m.tokens] = out.reshape(R * T, *out.shape[2:]) if m.packing is None else m.packing.pack(out)
+    return y
+
+
+def _attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None,
+                  cache: SlotCache | None, scale: float | None) -> torch.Tensor:
+    """:func:`attend_cache` of a padded batch: q [B, Hq, T, Dh], k, v [B, Hkv, T, Dh] -> [B, Hq, T, Dh]."""
+    B, Hq, T, D = q.shape
+    if cache is not None:
+        k, v = write_rows(cache, slots, k, v)  # [B, Hkv, S', Dh]
+    return attend(q.reshape(B, k.shape[1], Hq // k.shape[1] * T, D), k, v, mask, scale).reshape(B, Hq, T, D)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
            ) -> torch.Tensor:
     """Masked attention over a slot cache: softmax(q k^T * scale, where mask) v.
 
-    q: [B, H, Tq, Dh]; k, v: [B, H, S, Dh]; mask: [B, 1, Tq or 1, S] bool, True = attend, at least one True per
-    query -> [B, H, Tq, Dh]. A decode step of many rows on the CPU (one query per row and head) runs as two
-    batched matmuls; anything else runs ``F.scaled_dot_product_attention``.
+    q: [B, Hkv, G * T, Dh], the G query heads of each KV head one after another (G = 1 without grouped
+    queries: K and V are read once, never repeated in memory); k, v: [B, Hkv, S, Dh]; mask: [B, 1, T, S]
+    bool, True = attend, at least one True per query (tiled G times here) -> [B, Hkv, G * T, Dh]. A decode
+    step of many rows on the CPU (T = 1) runs as two batched matmuls; anything else runs
+    ``F.scaled_dot_product_attention``.
     """
-    if q.device.type != "cpu" or q.shape[0] < DECODE_ROWS or mask.shape[2] != 1:
+    T = mask.shape[2]
+    if T > 1 and q.shape[2] > T:
+        mask = mask.repeat(1, 1, q.shape[2] // T, 1)
+    if q.device.type != "cpu" or q.shape[0] < DECODE_ROWS or T != 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    scores = torch.matmul(q * (q.shape[-1] ** -0.5 if scale is None else scale), k.transpose(-1, -2))  # [B, H, Tq, S]
+    scores = torch.matmul(q * (q.shape[-1] ** -0.5 if scale is None else scale), k.transpose(-1, -2))  # [B, H, G, S]
     return torch.matmul(scores.masked_fill_(~mask, float("-inf")).softmax(-1), v)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.cache import CachedDecoder, Packing, SlotCache, attend, keep_positions, write_rows
+from memdec_fast.models.cache import CachedDecoder, Packing, SlotCache, attend_cache, keep_positions
 from memdec_fast.models.linear import Linear, linear
 
 
@@ -67,19 +67,18 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         # x: [B, T, D], or [N, D] with `packing`; mask: [B, 1, T, S] bool (True = attend) or None for causal; with
         # `cache`, input_pos [B, T]: each token's slot in its row of that cache
-        qkv = self.c_attn(x)
-        if packing is not None:
-            qkv = packing.unpack(qkv)  # [B, T, 3D]
-        B, T, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        qkv = self.c_attn(x)  # [B, T, 3D], or [N, 3D] with `packing`
+        D = qkv.shape[-1] // 3
+        if packing is not None:  # the real tokens only: q, k, v [N, H, Dh]
+            q, k, v = (t.view(-1, self.n_head, self.head_dim) for t in qkv.split(D, dim=-1))
+            return self.c_proj(attend_cache(q, k, v, mask, input_pos, cache, self.scale, packing).reshape(-1, D))
+        B, T = qkv.shape[:2]
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv.split(D, dim=-1))
-        if cache is not None:
-            k, v = write_rows(cache, input_pos, k, v)  # [B, H, S', Dh]
         if mask is None:  # causal over the T inputs, no cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            y = attend(q, k, v, mask, self.scale)
-        y = y.transpose(1, 2).reshape(B, T, D)
-        return self.c_proj(y if packing is None else packing.pack(y))
+            y = attend_cache(q, k, v, mask, input_pos, cache, self.scale)  # [B, H, T, Dh]
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
 class MLP(nn.Module):

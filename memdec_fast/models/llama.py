@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memdec_fast.models import checkpoint
-from memdec_fast.models.cache import CachedDecoder, Packing, SlotCache, attend, keep_positions, write_rows
+from memdec_fast.models.cache import CachedDecoder, Packing, SlotCache, attend_cache, keep_positions
 from memdec_fast.models.linear import Linear, linear
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -147,7 +147,7 @@ def inv_frequencies(config: LlamaConfig) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, Dh]; cos, sin: [B, 1, T, Dh] (the two halves of Dh share a frequency)
+    # x: [B, H, T, Dh] or [N, H, Dh]; cos, sin: [B, 1, T, Dh] or [N, 1, Dh] (the two halves of Dh share a frequency)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -178,25 +178,22 @@ class Attention(nn.Module):
         input_pos: torch.Tensor | None, cache: SlotCache | None = None, packing: Packing | None = None,
     ) -> torch.Tensor:
         # x: [B, T, D], or [N, D] with `packing`; mask, input_pos, cache: as in GPT2's Attention
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if packing is not None:
-            q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)  # [B, T, *]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, *], or [N, *] with `packing`
+        if packing is not None:  # the real tokens only: q [N, H, Dh], k, v [N, Hkv, Dh]
+            cos, sin = (packing.pack(t[:, 0])[:, None] for t in rope)  # [N, 1, Dh]
+            q = rotate(q.view(-1, self.n_head, self.head_dim), cos, sin)
+            k = rotate(k.view(-1, self.n_kv, self.head_dim), cos, sin)
+            y = attend_cache(q, k, v.view(-1, self.n_kv, self.head_dim), mask, input_pos, cache, packing=packing)
+            return self.o_proj(y.reshape(y.shape[0], -1))
         B, T = q.shape[:2]
         q = rotate(q.view(B, T, self.n_head, self.head_dim).transpose(1, 2), *rope)  # [B, H, T, Dh]
         k = rotate(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), *rope)  # [B, Hkv, T, Dh]
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = write_rows(cache, input_pos, k, v)  # [B, Hkv, S', Dh]
-        group = self.n_head // self.n_kv
         if mask is None:  # causal over the T inputs, no cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head > self.n_kv)
         else:
-            # the G query heads of a KV head become G x T queries of one head, so that K and V are read once,
-            # never repeated in memory: [B, Hkv, G * T, Dh] against [B, Hkv, S, Dh], the mask tiled G times
-            q = q.reshape(B, self.n_kv, group * T, self.head_dim)
-            y = attend(q, k, v, mask.repeat(1, 1, group, 1) if T > 1 else mask)
-        y = y.reshape(B, self.n_head, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y if packing is None else packing.pack(y))
+            y = attend_cache(q, k, v, mask, input_pos, cache)  # [B, H, T, Dh]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
