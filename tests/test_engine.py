@@ -28,7 +28,7 @@ from memdec_fast.engine import (
     StreamDelta,
 )
 from memdec_fast.engine import engine as engine_module
-from memdec_fast.engine.step import ModelStep
+from memdec_fast.engine.step import ModelStep, batch_bucket
 
 WAIT = 30.0
 PROMPTS = ["the quick brown fox", "a plug", "memory decoders give a base", "héllo", "the lazy dog jumps over the fox"]
@@ -539,9 +539,11 @@ def run_together(engine: Engine, kws: list[dict]) -> list[RequestOutput]:
 
 @pytest.mark.parametrize("memory", ["decoder", "mlp"])
 def test_fake_captured_decode_steps_give_the_eager_engines_tokens(ckpts, memory, monkeypatch):
-    # the eager steps run rows [0, n) as the replays do (not the decoding rows alone): the same rows draw the same
-    # numbers from the step's generator
+    # the eager steps run the replays' rows: [0, n) with n the batch bucket (not the decoding rows alone, nor the
+    # exact rows), so that the same rows draw the same numbers from the step's generator (the reference sampler
+    # draws row by row); the four requests prefill together, before any decodes
     monkeypatch.setattr(engine_module, "GATHER_BELOW", 0.0)
+    monkeypatch.setattr(ModelStep, "bucket", lambda step, rows: batch_bucket(rows, step.max_batch))
     want = run_together(Engine(load(ckpts, memory), max_batch=4, prefill_chunk=64, cuda_graphs=False), FAKE_KWS)
     fake = FakeCuda(monkeypatch)
     engine = fake_captured_engine(load(ckpts, memory), fake, max_batch=4, prefill_chunk=64)
