@@ -501,11 +501,7 @@ class Engine:
             return False
         started = time.perf_counter()
         busy = [r for r in self._sched.admitted if r.slot is not None]
-        tokens, positions = [0] * (max(r.slot for r in busy) + 1), [0] * (max(r.slot for r in busy) + 1)
-        for r in busy:  # a request in prefill but not in the plan feeds a dummy token where its next chunk writes
-            positions[r.slot] = r.position
-        for r in rows:
-            tokens[r.slot] = r.row.token_ids[-1]
+        tokens, positions = self._step_inputs(busy, rows, max(r.slot for r in busy) + 1)
         try:
             logits, toks, lps = self._step.prefill_decode([(r.slot, r.prompt[a:b], a) for r, a, b in plan], tokens,
                                                           positions)
@@ -535,16 +531,23 @@ class Engine:
                                                        [r.position for r in rows])
             at = {r.slot: i for i, r in enumerate(rows)}  # the row of each slot in the step's outputs
         else:
-            tokens, positions = [0] * n, [0] * n
-            for r in busy:
-                if r.slot < n:  # a request in prefill feeds a dummy token where its next chunk will write
-                    positions[r.slot] = r.position
-            for r in rows:
-                tokens[r.slot] = r.row.token_ids[-1]
-            logits, toks, lps = self._step.decode(tokens, positions)
+            logits, toks, lps = self._step.decode(*self._step_inputs(busy, rows, n))
             at = {r.slot: r.slot for r in rows}
         draws = {r.slot: self._own_draw(r, logits, toks, lps, at[r.slot]) for r in rows}
         return {slot: d[0] for slot, d in draws.items()}, {slot: d[1] for slot, d in draws.items()}
+
+    @staticmethod
+    def _step_inputs(busy: list[Request], rows: list[Request], n: int) -> tuple[list[int], list[int]]:
+        """Each of the step's rows [0, n): the token it feeds and its position. Decoding `rows` feed their last
+        token; any other busy slot (a request in prefill) feeds a dummy token where its next chunk will write,
+        and a free slot a dummy at position 0."""
+        tokens, positions = [0] * n, [0] * n
+        for r in busy:
+            if r.slot < n:
+                positions[r.slot] = r.position
+        for r in rows:
+            tokens[r.slot] = r.row.token_ids[-1]
+        return tokens, positions
 
     def _own_draw(self, req: Request, logits, toks: list[int], lps: list[float], i: int) -> tuple[int, float]:
         """`req`'s token and log p from row i of a batched step's draws; a seeded request draws again from its own

@@ -258,7 +258,7 @@ class ModelStep:
         """A prefill and a decode step in one eager forward over rows [0, len(tokens)): each row feeds its
         prompt chunk when `chunks` names its slot (as in :meth:`prefill`), else its token at its position
         (as in :meth:`decode`). Every linear layer then reads its weights once for both, and attention runs
-        the one-token rows as a decode step (:func:`memdec_fast.models.cache.attend`).
+        the one-token rows as a decode step (:func:`memdec_fast.models.cache.attend_cache`).
 
         Returns the logits after each row's last token (two [rows, V]) and each row's token and log p, drawn
         in one batched call with the parameter table and :attr:`rng`, as :meth:`decode` does.

@@ -5,9 +5,10 @@ takes one of the cores, the thread on that core runs at a fraction of its speed 
 waits for it: measured on a 2-core machine with one core kept busy, a gpt2-small pair's decode step
 on the main thread took 89 ms at 1 row and 508 ms at 32 rows on 2 threads, against 68 and 295 ms on
 1 thread (benchmarks/NOTES.md, "Engine speed"). JointGenerator's decode loop, which runs on its
-caller's thread, uses it; the engine's loop thread did not fall off that cliff when measured. :class:`ThreadGovernor` measures, every ``interval`` seconds,
-how many cores the rest of the host keeps busy (from /proc/stat, less this process's own CPU time)
-and runs the steps on the cores left, never more than the thread count the loop started with.
+caller's thread, uses it; the engine's loop thread did not fall off that cliff when measured.
+:class:`ThreadGovernor` measures, every ``interval`` seconds, how many cores the rest of the host keeps
+busy (from /proc/stat, less this process's own CPU time) and runs the steps on the cores left, never
+more than the thread count the loop started with.
 """
 
 from __future__ import annotations

@@ -30,13 +30,13 @@ class Mixed(NamedTuple):
     all their tokens.
 
     first: [B] each row's first token in the packed [N]; rows: [R] the longer rows; tokens: [N_R] their tokens in the
-    packed [N]; packing: theirs among themselves (None when they have one length).
+    packed [N]; packing: theirs among themselves, in the same width.
     """
 
     first: torch.Tensor
     rows: torch.Tensor
     tokens: torch.Tensor
-    packing: Packing | None
+    packing: Packing
 
 
 class Packing(NamedTuple):
@@ -58,13 +58,18 @@ class Packing(NamedTuple):
         """The packing of rows of `lengths` tokens right-padded to `width`, or None when no row is padded."""
         if all(n == width for n in lengths):
             return None
+        return cls._of(lengths, width, device)
+
+    @classmethod
+    def _of(cls, lengths: list[int], width: int, device: torch.device) -> Packing:
+        """:meth:`of`, padded or not."""
         idx = torch.cat([torch.arange(b * width, b * width + n) for b, n in enumerate(lengths)])
         longer = [b for b, n in enumerate(lengths) if n > 1]
         mixed = None
         if 0 < len(longer) < len(lengths):
             first = [0, *itertools.accumulate(lengths)][:-1]
             tokens = torch.cat([torch.arange(first[b], first[b] + lengths[b]) for b in longer])
-            sub = Packing.of([lengths[b] for b in longer], width, device)
+            sub = cls._of([lengths[b] for b in longer], width, device)
             mixed = Mixed(*(torch.tensor(x, device=device) for x in (first, longer)), tokens.to(device), sub)
         return cls(tuple(lengths), width, idx.to(device), mixed)
 
@@ -80,11 +85,6 @@ class Packing(NamedTuple):
         """[N, ...] -> [B, T, ...], zeros at the padding."""
         out = x.new_zeros(len(self.lengths) * self.width, *x.shape[1:])
         return out.index_copy_(0, self.idx, x).view(len(self.lengths), self.width, *x.shape[1:])
-
-
-def unpack(packing: Packing | None, x: torch.Tensor, rows: int) -> torch.Tensor:
-    """[N, ...] -> [rows, T, ...]: :meth:`Packing.unpack`, or a view when `packing` is None (no row padded)."""
-    return x.view(rows, -1, *x.shape[1:]) if packing is None else packing.unpack(x)
 
 
 class SlotCache(NamedTuple):
@@ -143,13 +143,12 @@ def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     y = torch.empty_like(q)  # [N, Hq, Dh]; every token is written below
     q1, k1, v1 = (t.index_select(0, m.first)[:, :, None] for t in (q, k, v))  # [B, H, 1, Dh]
     y[m.first] = _attend_cache(q1, k1, v1, mask[:, :, :1], slots[:, :1], cache, scale)[:, :, 0]
-    R = m.rows.shape[0]
-    q, k, v = (unpack(m.packing, t.index_select(0, m.tokens), R).transpose(1, 2) for t in (q, k, v))  # [R, H, T', Dh]
+    q, k, v = (m.packing.unpack(t.index_select(0, m.tokens)).transpose(1, 2) for t in (q, k, v))  # [R, H, T', Dh]
     T = q.shape[2]
     rows = m.rows + cache.rows.start if isinstance(cache.rows, slice) else cache.rows.index_select(0, m.rows)
     out = _attend_cache(q, k, v, mask.index_select(0, m.rows)[:, :, :T], slots.index_select(0, m.rows)[:, :T],
                         cache._replace(rows=rows), scale).transpose(1, 2)  # [R, T', Hq, Dh]
-    y[m.tokens] = out.reshape(R * T, *out.shape[2:]) if m.packing is None else m.packing.pack(out)
+    y[m.tokens] = m.packing.pack(out)
     return y
 
 

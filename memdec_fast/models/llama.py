@@ -180,9 +180,8 @@ class Attention(nn.Module):
         # x: [B, T, D], or [N, D] with `packing`; mask, input_pos, cache: as in GPT2's Attention
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, *], or [N, *] with `packing`
         if packing is not None:  # the real tokens only: q [N, H, Dh], k, v [N, Hkv, Dh]
-            cos, sin = (packing.pack(t[:, 0])[:, None] for t in rope)  # [N, 1, Dh]
-            q = rotate(q.view(-1, self.n_head, self.head_dim), cos, sin)
-            k = rotate(k.view(-1, self.n_kv, self.head_dim), cos, sin)
+            q = rotate(q.view(-1, self.n_head, self.head_dim), *rope)  # rope: [N, 1, Dh] each, packed by the model
+            k = rotate(k.view(-1, self.n_kv, self.head_dim), *rope)
             y = attend_cache(q, k, v.view(-1, self.n_kv, self.head_dim), mask, input_pos, cache, packing=packing)
             return self.o_proj(y.reshape(y.shape[0], -1))
         B, T = q.shape[:2]
@@ -270,6 +269,7 @@ class Llama(CachedDecoder):
         tap = None if hidden_layer is None else hidden_layer % len(self.layers)
         if packing is not None:
             x = packing.pack(x)  # [N, D]
+            rope = tuple(packing.pack(t[:, 0])[:, None] for t in rope)  # [N, 1, Dh]
         for i, block in enumerate(self.layers):
             x = x + block.self_attn(block.input_layernorm(x), rope, mask, input_pos,
                                     None if caches is None else caches[i], packing)
